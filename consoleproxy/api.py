@@ -1,0 +1,94 @@
+"""
+The token API: ``GET /api/vm/<id>/guacamole/<vnc|ssh|rdp>``.
+
+Authenticate the caller, ask the cloud how to reach the console, seal that
+into a short-lived token.  Answers use FireEdge's shape so its clients work
+unchanged: ``{"id": 200, "message": "OK", "data": "<token>"}``, and errors
+``{"id": <status>, "message": <status text>, "data": <what is wrong>}``.
+"""
+
+from __future__ import annotations
+
+from autobahn.twisted.util import peer2str
+from twisted.internet.defer import inlineCallbacks, maybeDeferred
+from twisted.logger import Logger
+from twisted.web.server import Request
+
+from consoleproxy.consoles import CONSOLE_TYPES, Console, Identity
+from consoleproxy.errors import ApiError, BadRequest, Unauthenticated
+from consoleproxy.interfaces import IAuthenticator, ICloud
+from consoleproxy.routing import json_body
+from consoleproxy.tokens import TokenAuthority
+
+_MAX_VM_ID = 2**31 - 1  # oned's ids are C ints
+
+
+class TokenApi:
+    """Mints console tokens for authenticated users."""
+
+    log = Logger()
+
+    def __init__(
+        self, authenticator: IAuthenticator, cloud: ICloud, tokens: TokenAuthority
+    ) -> None:
+        self.authenticator = authenticator
+        self.cloud = cloud
+        self.tokens = tokens
+
+    @inlineCallbacks
+    def mint(self, request: Request, vm_id: str, console_type: str):  # type: ignore[no-untyped-def]
+        """Answer one token request (a Deferred of the response body)."""
+        try:
+            number = _vm_number(vm_id)
+            if console_type not in CONSOLE_TYPES:
+                raise BadRequest(
+                    f"unknown console type {console_type!r}: one of {', '.join(CONSOLE_TYPES)}"
+                )
+            zone = _zone(request)
+            identity: Identity = yield maybeDeferred(
+                self.authenticator.authenticate, request.getHeader(b"authorization")
+            )
+            console: Console = yield maybeDeferred(
+                self.cloud.console, identity, number, console_type, zone
+            )
+        except ApiError as e:
+            if isinstance(e, Unauthenticated):
+                request.setHeader(
+                    b"WWW-Authenticate", b'Basic realm="consoleproxy", charset="UTF-8"'
+                )
+            self.log.info(
+                "Token refused: {status} {message} (vm={vm} type={type} peer={peer})",
+                status=e.status,
+                message=e.message,
+                vm=vm_id[:32],
+                type=console_type[:16],
+                peer=peer2str(request.getClientAddress()),
+            )
+            return json_body(request, e.status, e.title, e.message)
+        token = self.tokens.seal(identity, console)
+        self.log.info(
+            "Token issued: user={user} vm={vm} type={type} peer={peer}",
+            user=identity.name,
+            vm=number,
+            type=console_type,
+            peer=peer2str(request.getClientAddress()),
+        )
+        return json_body(request, 200, "OK", token)
+
+
+def _vm_number(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or len(text) > 10 or int(text) > _MAX_VM_ID:
+        raise BadRequest(f"a VM id is a whole number, not {text[:32]!r}")
+    return int(text)
+
+
+def _zone(request: Request) -> str | None:
+    values = request.args.get(b"zone")
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BadRequest("zone given more than once")
+    zone = values[0].decode("utf-8", "replace")
+    if not (zone.isascii() and zone.isdigit() and len(zone) <= 10):
+        raise BadRequest("a zone id is a whole number")
+    return zone

@@ -1,0 +1,159 @@
+"""
+Configuration: one TOML file, with the main settings also as options.
+
+Every key has a default, so the server runs with no file at all (on the
+example inventory).  Command-line options override the file.  Every value is
+checked before anything listens; a bad one stops start-up with one
+L{ConfigError} naming the key and the problem.
+
+The keys, by section (see ``consoleproxy/examples/consoleproxy.toml``)::
+
+    [server]    listen (list of endpoint strings), http_timeout
+    [guacd]     endpoint, handshake_timeout, timezone
+    [tokens]    key_file, lifetime
+    [relay]     max_message_size
+    [inventory] path
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
+
+from consoleproxy.guacd import default_timezone
+
+
+class ConfigError(ValueError):
+    """A configuration value is unusable: C{key} says which, the message why."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+
+
+def example_path(name: str) -> str:
+    """The path of a file shipped in ``consoleproxy/examples``."""
+    return str(resources.files("consoleproxy").joinpath("examples", name))
+
+
+def _key(name: str) -> Any:
+    """Metadata naming a field's dotted key in the TOML file."""
+    return {"key": name}
+
+
+@dataclass
+class Config:
+    """All settings, with their defaults."""
+
+    listen: list[str] = field(
+        default_factory=lambda: ["tcp:2616:interface=127.0.0.1"], metadata=_key("server.listen")
+    )
+    http_timeout: float = field(default=60.0, metadata=_key("server.http_timeout"))
+    guacd: str = field(default="tcp:127.0.0.1:4822", metadata=_key("guacd.endpoint"))
+    handshake_timeout: float = field(default=15.0, metadata=_key("guacd.handshake_timeout"))
+    timezone: str = field(default_factory=default_timezone, metadata=_key("guacd.timezone"))
+    key_file: str = field(default="consoleproxy.keys", metadata=_key("tokens.key_file"))
+    token_lifetime: float = field(default=60.0, metadata=_key("tokens.lifetime"))
+    max_message_size: int = field(default=65536, metadata=_key("relay.max_message_size"))
+    inventory: str = field(
+        default_factory=lambda: example_path("inventory.toml"), metadata=_key("inventory.path")
+    )
+
+    @classmethod
+    def key_of(cls, name: str) -> str:
+        """The dotted TOML key of an attribute."""
+        return next(f.metadata["key"] for f in fields(cls) if f.name == name)
+
+    @classmethod
+    def load(cls, path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+        """
+        Read C{path} (if given), apply C{overrides} (attribute -> value), check.
+
+        @raise ConfigError: for an unreadable file, an unknown key or a bad value.
+        """
+        config = cls()
+        if path is not None:
+            config._read(path)
+        for name, value in (overrides or {}).items():
+            setattr(config, name, value)
+        config.check()
+        return config
+
+    def _read(self, path: str) -> None:
+        try:
+            data = tomllib.loads(Path(path).read_text("utf-8"))
+        except OSError as e:
+            raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from e
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError("--config", f"{path} is not valid TOML: {e}") from e
+        by_key = {f.metadata["key"]: f for f in fields(self)}
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(section, "must be a [section]")
+            for name, value in table.items():
+                key = f"{section}.{name}"
+                f = by_key.get(key)
+                if f is None:
+                    raise ConfigError(key, "unknown setting")
+                setattr(self, f.name, value)
+
+    def check(self) -> None:
+        """Check types and ranges of every value."""
+        if isinstance(self.listen, str):
+            self.listen = [self.listen]
+        if not self.listen or not all(isinstance(s, str) and s for s in self.listen):
+            raise ConfigError(self.key_of("listen"), "a non-empty list of endpoint strings")
+        for name, low, high in (
+            ("http_timeout", 1, 86400),
+            ("handshake_timeout", 1, 300),
+            ("token_lifetime", 1, 86400),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(self.key_of(name), f"a number of seconds, not {value!r}")
+            if not low <= value <= high:
+                raise ConfigError(self.key_of(name), f"must be between {low} and {high} seconds")
+        size = self.max_message_size
+        if isinstance(size, bool) or not isinstance(size, int) or not 4096 <= size <= 16777216:
+            raise ConfigError(
+                self.key_of("max_message_size"), "a number of bytes between 4096 and 16777216"
+            )
+        for name in ("guacd", "timezone", "key_file", "inventory"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(self.key_of(name), "a non-empty string")
+
+    def server_endpoints(self, reactor: Any) -> list[IStreamServerEndpoint]:
+        """Parse C{listen}; C{ssl:} endpoints load their certificates now."""
+        endpoints = []
+        for description in self.listen:
+            try:
+                endpoints.append(serverFromString(reactor, description))
+            except Exception as e:
+                raise ConfigError(
+                    self.key_of("listen"), f"bad endpoint {description!r}: {_why(e)}"
+                ) from e
+        return endpoints
+
+    def guacd_endpoint(self, reactor: Any) -> IStreamClientEndpoint:
+        """
+        Parse C{guacd}: ``tcp:host:port`` or ``tls:host:port[:trustRoots=dir]``.
+
+        ``tls:`` verifies guacd's certificate and host name (service_identity).
+        """
+        if not self.guacd.startswith(("tcp:", "tls:", "unix:")):
+            raise ConfigError(self.key_of("guacd"), "use a tcp:, tls: or unix: endpoint")
+        try:
+            return clientFromString(reactor, self.guacd)
+        except Exception as e:
+            raise ConfigError(self.key_of("guacd"), f"bad endpoint: {_why(e)}") from e
+
+
+def _why(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    return text.splitlines()[0][:200]

@@ -1,0 +1,132 @@
+"""
+What a console is: who asks, which VM, and the guacd settings that reach it.
+
+A L{Console} comes from the cloud backend and travels sealed inside a token;
+the browser can only adjust the display (L{Display}), never the target.  That
+split is the defence against SSRF through the console: hostname, port,
+recording paths and the like come from the cloud or nowhere.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from consoleproxy.status import GuacamoleError, Status
+
+#: Console types of the token API, and the guacd protocol each selects.
+CONSOLE_TYPES = ("vnc", "ssh", "rdp")
+
+#: Query parameters of the WebSocket that may adjust an SSH console.
+SSH_DISPLAY_PARAMETERS = ("color-scheme", "font-name", "font-size")
+
+_NUMBER = re.compile(r"([0-9]{1,6})(?:\.[0-9]{1,6})?", re.ASCII)
+_MAX_DIMENSION = 16384
+_MAX_DPI = 1200
+_MAX_FONT_SIZE = 512
+_MAX_TEXT = 256
+
+
+@dataclass(frozen=True)
+class Identity:
+    """
+    A user the authenticator vouched for.
+
+    @ivar name: the user name, for logs, tokens and guacd's ``name``.
+    @ivar secret: whatever the cloud needs to act as this user (e.g. an
+        oned session string); never logged, never put in a token.
+    """
+
+    name: str
+    secret: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Console:
+    """
+    How guacd reaches one console of one VM.
+
+    @ivar vm_id: the VM's id in its cloud.
+    @ivar console_type: C{"vnc"}, C{"ssh"} or C{"rdp"}; also guacd's protocol.
+    @ivar parameters: guacd connection parameters (``hostname``, ``port``,
+        ``password``, ...) by guacd argument name.
+    @ivar zone: the zone the console lives in, C{None} for the local one.
+    """
+
+    vm_id: int
+    console_type: str
+    parameters: Mapping[str, str] = field(repr=False)
+    zone: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.console_type not in CONSOLE_TYPES:
+            raise ValueError(f"unknown console type {self.console_type!r}")
+        for key, value in self.parameters.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError("console parameters must map str to str")
+
+
+@dataclass(frozen=True)
+class Display:
+    """
+    The display the browser asked for with the WebSocket's query string.
+
+    @ivar parameters: connect parameters the browser may set (for SSH:
+        ``color-scheme``, ``font-name``, ``font-size``).
+    """
+
+    width: int = 1024
+    height: int = 768
+    dpi: int = 96
+    parameters: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, list[str]], console_type: str) -> Display:
+        """
+        Read C{width}, C{height}, C{dpi} (and SSH's display parameters).
+
+        Every other query value is ignored: it must never reach guacd.
+
+        @raise GuacamoleError: with L{Status.CLIENT_BAD_REQUEST} for a value
+            that is repeated, not a number, or out of range.
+        """
+        width = _integer(query, "width", 1, _MAX_DIMENSION, cls.width)
+        height = _integer(query, "height", 1, _MAX_DIMENSION, cls.height)
+        dpi = _integer(query, "dpi", 1, _MAX_DPI, cls.dpi)
+        parameters: dict[str, str] = {}
+        if console_type == "ssh":
+            for name in ("color-scheme", "font-name"):
+                text = _single(query, name)
+                if text is not None:
+                    if len(text) > _MAX_TEXT or not text.isprintable():
+                        raise GuacamoleError(Status.CLIENT_BAD_REQUEST, f"bad {name}")
+                    parameters[name] = text
+            size = _integer(query, "font-size", 1, _MAX_FONT_SIZE, None)
+            if size is not None:
+                parameters["font-size"] = str(size)
+        return cls(width, height, dpi, parameters)
+
+
+def _single(query: Mapping[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise GuacamoleError(Status.CLIENT_BAD_REQUEST, f"{name} given more than once")
+    return values[0]
+
+
+def _integer(query: Mapping[str, list[str]], name: str, low: int, high: int, default: Any) -> Any:
+    text = _single(query, name)
+    if text is None or text == "":
+        return default
+    # Browsers multiply by devicePixelRatio, so a fraction may come: floor it.
+    match = _NUMBER.fullmatch(text)
+    if match is None:
+        raise GuacamoleError(Status.CLIENT_BAD_REQUEST, f"{name} is not a number")
+    value = int(match.group(1))
+    if not low <= value <= high:
+        raise GuacamoleError(Status.CLIENT_BAD_REQUEST, f"{name} is out of range")
+    return value

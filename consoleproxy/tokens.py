@@ -1,0 +1,293 @@
+"""
+Console tokens: sealed, short-lived, single-use capabilities.
+
+FireEdge's tokens are AES-CBC without a MAC, never expire, can be replayed
+forever and are identical for identical settings.  Ours are:
+
+  - authenticated encryption (AES-256-GCM): any change to any byte is refused;
+  - versioned: the first byte names the format, and the version and key id
+    are bound into the ciphertext as associated data;
+  - bound: they name the user, the VM, the console type, the zone and the
+    guacd settings, so a token for one console never opens another;
+  - short-lived (60 s by default) and single use: the relay remembers the
+    ids it has opened until they expire;
+  - rotatable: a key file holds several keys; the first seals, all open.
+
+Layout, URL-safe base64 without padding::
+
+    version (1) | key id (4) | nonce (12) | AES-GCM(JSON claims) + tag (16)
+
+Every kind of refusal raises the same L{TokenError} to the caller's caller:
+its C{reason} is for logs and metrics only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import heapq
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from twisted.internet.interfaces import IReactorTime
+
+from consoleproxy.consoles import Console, Identity
+
+TOKEN_VERSION = 1
+KEY_BYTES = 32
+_NONCE_BYTES = 12
+_KEY_ID_BYTES = 4
+_HEADER_BYTES = 1 + _KEY_ID_BYTES + _NONCE_BYTES
+_TAG_BYTES = 16
+#: Longer tokens are refused before any decoding (an SSH key fits easily).
+MAX_TOKEN_LENGTH = 16384
+
+
+class TokenError(Exception):
+    """
+    A token was refused.
+
+    @ivar reason: one of C{malformed}, C{unknown-version}, C{unknown-key},
+        C{tampered}, C{expired}, C{replayed}, C{wrong-purpose}: for logs and
+        metrics, never for the browser, which sees one refusal for all.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"token refused: {reason}")
+        self.reason = reason
+
+
+class KeyFileError(ValueError):
+    """The key file is unusable; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Claims:
+    """What an opened token says."""
+
+    user: str
+    console: Console
+    expires: float
+    token_id: bytes
+
+
+def _key_id(key: bytes) -> bytes:
+    return hashlib.sha256(b"consoleproxy token key id\0" + key).digest()[:_KEY_ID_BYTES]
+
+
+def _purpose_key(key: bytes, purpose: str) -> bytes:
+    """One key per purpose: a Guacamole token is no raw VNC token."""
+    return HKDF(
+        algorithm=hashes.SHA256(),
+        length=KEY_BYTES,
+        salt=None,
+        info=b"consoleproxy token v1 " + purpose.encode("ascii"),
+    ).derive(key)
+
+
+class KeyRing:
+    """
+    Token keys: the first seals, every one opens (rotation with overlap).
+
+    To rotate: put a new key on the first line, keep the old one below it for
+    at least one token lifetime, then remove it.
+    """
+
+    def __init__(self, keys: list[bytes]) -> None:
+        if not keys:
+            raise KeyFileError("no token key")
+        for key in keys:
+            if len(key) != KEY_BYTES:
+                raise KeyFileError(f"a token key must be {KEY_BYTES} bytes")
+        self.keys = list(keys)
+
+    @property
+    def sealing_key(self) -> bytes:
+        """The key new tokens are sealed with."""
+        return self.keys[0]
+
+    @staticmethod
+    def generate_line() -> str:
+        """A new random key as one key-file line."""
+        return base64.urlsafe_b64encode(os.urandom(KEY_BYTES)).decode("ascii")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], create: bool = True) -> KeyRing:
+        """
+        Read a key file: one URL-safe base64 key per line, ``#`` comments.
+
+        A missing file is created with one new key and mode 0600 when
+        C{create} is true.  A file readable by group or others is refused:
+        whoever reads it can mint consoles.
+
+        @raise KeyFileError: with a message that names the file and the fix.
+        """
+        path = Path(path)
+        if create and not path.exists():
+            _create_key_file(path)
+        try:
+            mode = path.stat().st_mode
+            text = path.read_text("ascii")
+        except (OSError, UnicodeDecodeError) as e:
+            raise KeyFileError(f"cannot read key file {path}: {e}") from e
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise KeyFileError(
+                f"key file {path} is accessible by group or others; run: chmod 600 {path}"
+            )
+        keys = []
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                key = base64.urlsafe_b64decode(line + "=" * (-len(line) % 4))
+            except (binascii.Error, ValueError) as e:
+                raise KeyFileError(f"key file {path} line {number}: not base64") from e
+            if len(key) != KEY_BYTES:
+                raise KeyFileError(
+                    f"key file {path} line {number}: a key must be {KEY_BYTES} bytes"
+                )
+            keys.append(key)
+        if not keys:
+            raise KeyFileError(f"key file {path} holds no key")
+        return cls(keys)
+
+
+def _create_key_file(path: Path) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    content = (
+        "# consoleproxy token keys: the first line seals, every line opens.\n"
+        "# Rotate by adding a new first line; drop old keys after a token lifetime.\n"
+        f"{KeyRing.generate_line()}\n"
+    )
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return  # created meanwhile by another process: read that one
+    except OSError as e:
+        raise KeyFileError(f"cannot create key file {path}: {e}") from e
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(content)
+
+
+class TokenAuthority:
+    """
+    Seals and opens console tokens for one purpose.
+
+    @param keyring: the keys.
+    @param clock: the time source (a reactor, or a L{twisted.internet.task.Clock}).
+    @param lifetime: seconds a new token is valid.
+    @param purpose: binds tokens to a use (C{"guacamole"}, C{"rfb"}).
+    """
+
+    def __init__(
+        self,
+        keyring: KeyRing,
+        clock: IReactorTime,
+        lifetime: float = 60.0,
+        purpose: str = "guacamole",
+    ) -> None:
+        self._clock = clock
+        self.lifetime = lifetime
+        self._sealer = (
+            _key_id(keyring.sealing_key),
+            AESGCM(_purpose_key(keyring.sealing_key, purpose)),
+        )
+        self._openers = {
+            _key_id(k): AESGCM(_purpose_key(k, purpose)) for k in reversed(keyring.keys)
+        }
+        # Ids of opened tokens, kept until they expire: (expiry, id) in a heap.
+        self._spent: set[bytes] = set()
+        self._spent_by_expiry: list[tuple[float, bytes]] = []
+
+    def seal(self, identity: Identity, console: Console) -> str:
+        """Mint a token for this user and console."""
+        claims = {
+            "u": identity.name,
+            "vm": console.vm_id,
+            "t": console.console_type,
+            "z": console.zone,
+            "p": dict(console.parameters),
+            "exp": round(self._clock.seconds() + self.lifetime, 3),
+        }
+        plaintext = json.dumps(claims, separators=(",", ":"), ensure_ascii=False).encode()
+        key_id, aead = self._sealer
+        nonce = os.urandom(_NONCE_BYTES)
+        header = bytes([TOKEN_VERSION]) + key_id + nonce
+        sealed = header + aead.encrypt(nonce, plaintext, header[: 1 + _KEY_ID_BYTES])
+        return base64.urlsafe_b64encode(sealed).rstrip(b"=").decode("ascii")
+
+    def open(self, token: str) -> Claims:
+        """
+        Open a token and spend it.
+
+        @raise TokenError: for any token that is not one this authority sealed,
+            unmodified, unexpired and never opened before.
+        """
+        if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_LENGTH:
+            raise TokenError("malformed")
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (binascii.Error, ValueError) as e:
+            raise TokenError("malformed") from e
+        if len(raw) < _HEADER_BYTES + _TAG_BYTES:
+            raise TokenError("malformed")
+        if raw[0] != TOKEN_VERSION:
+            raise TokenError("unknown-version")
+        key_id = raw[1 : 1 + _KEY_ID_BYTES]
+        aead = self._openers.get(key_id)
+        if aead is None:
+            raise TokenError("unknown-key")
+        nonce = raw[1 + _KEY_ID_BYTES : _HEADER_BYTES]
+        try:
+            plaintext = aead.decrypt(nonce, raw[_HEADER_BYTES:], raw[: 1 + _KEY_ID_BYTES])
+        except InvalidTag as e:
+            raise TokenError("tampered") from e
+        claims = _parse_claims(plaintext, nonce)
+        now = self._clock.seconds()
+        if claims.expires <= now:
+            raise TokenError("expired")
+        self._forget_expired(now)
+        if nonce in self._spent:
+            raise TokenError("replayed")
+        self._spent.add(nonce)
+        heapq.heappush(self._spent_by_expiry, (claims.expires, nonce))
+        return claims
+
+    @property
+    def spent(self) -> int:
+        """How many opened, unexpired token ids are remembered."""
+        return len(self._spent)
+
+    def _forget_expired(self, now: float) -> None:
+        heap = self._spent_by_expiry
+        while heap and heap[0][0] <= now:
+            _, token_id = heapq.heappop(heap)
+            self._spent.discard(token_id)
+
+
+def _parse_claims(plaintext: bytes, token_id: bytes) -> Claims:
+    """Authenticated bytes that do not parse mean a bug or a stolen key: refuse."""
+    try:
+        data = json.loads(plaintext)
+        console = Console(
+            vm_id=data["vm"],
+            console_type=data["t"],
+            parameters=data["p"],
+            zone=data["z"],
+        )
+        user = data["u"]
+        expires = float(data["exp"])
+        if not isinstance(user, str) or not isinstance(console.vm_id, int):
+            raise TypeError("bad claim types")
+    except (ValueError, KeyError, TypeError) as e:
+        raise TokenError("malformed") from e
+    return Claims(user=user, console=console, expires=expires, token_id=token_id)
