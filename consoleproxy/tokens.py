@@ -79,6 +79,11 @@ class Claims:
     token_id: bytes
 
 
+def _b64decode(text: str) -> bytes:
+    """Strict URL-safe base64, padding optional: any other character is refused."""
+    return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+
+
 def _key_id(key: bytes) -> bytes:
     return hashlib.sha256(b"consoleproxy token key id\0" + key).digest()[:_KEY_ID_BYTES]
 
@@ -148,7 +153,7 @@ class KeyRing:
             if not line or line.startswith("#"):
                 continue
             try:
-                key = base64.urlsafe_b64decode(line + "=" * (-len(line) % 4))
+                key = _b64decode(line)
             except (binascii.Error, ValueError) as e:
                 raise KeyFileError(f"key file {path} line {number}: not base64") from e
             if len(key) != KEY_BYTES:
@@ -235,7 +240,7 @@ class TokenAuthority:
         if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_LENGTH:
             raise TokenError("malformed")
         try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            raw = _b64decode(token)
         except (binascii.Error, ValueError) as e:
             raise TokenError("malformed") from e
         if len(raw) < _HEADER_BYTES + _TAG_BYTES:
@@ -253,9 +258,9 @@ class TokenAuthority:
             raise TokenError("tampered") from e
         claims = _parse_claims(plaintext, nonce)
         now = self._clock.seconds()
+        self._forget_expired(now)
         if claims.expires <= now:
             raise TokenError("expired")
-        self._forget_expired(now)
         if nonce in self._spent:
             raise TokenError("replayed")
         self._spent.add(nonce)

@@ -1,0 +1,142 @@
+"""Shared test helpers: quick password hashes, inventories, a server on loopback."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from argon2 import PasswordHasher
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
+
+from consoleproxy.api import TokenApi
+from consoleproxy.inventory import InventoryCloud
+from consoleproxy.passwords import PasswordVerifier
+from consoleproxy.relay import GuacamoleRelayFactory, RelayResource, RelaySettings
+from consoleproxy.tokens import KeyRing, TokenAuthority
+from consoleproxy.web import ConsoleProxyWeb, build_site
+
+# Cheap Argon2 parameters: the tests check logic, not cost.
+_quick = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+
+INVENTORY = """
+[users.alice]
+password_hash = "{alice}"
+[users.bob]
+password_hash = "{bob}"
+
+[[vm]]
+id = 7
+name = "web-1"
+users = ["alice"]
+[vm.vnc]
+hostname = "10.0.0.5"
+port = 5907
+password = "vnc-secret"
+[vm.ssh]
+hostname = "10.0.0.5"
+port = 22
+username = "root"
+password = "ssh-secret"
+
+[[vm]]
+id = 8
+users = ["*"]
+[vm.rdp]
+hostname = "10.0.0.6"
+port = 3389
+ignore-cert = true
+"""
+
+
+def inventory_text() -> str:
+    """The test inventory: alice/wonderland may open VM 7, everyone VM 8."""
+    return INVENTORY.format(alice=_quick.hash("wonderland"), bob=_quick.hash("builder"))
+
+
+def write_inventory(directory: str, text: str | None = None) -> str:
+    """Write an inventory file into C{directory}; return its path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "inventory.toml")
+    with open(path, "w") as f:
+        f.write(inventory_text() if text is None else text)
+    return path
+
+
+def synchronous_verifier() -> PasswordVerifier:
+    """A verifier that checks on the calling thread (no thread pool in tests)."""
+    return PasswordVerifier(reactor, run_in_thread=lambda f, *a: succeed(f(*a)))
+
+
+def basic(user: str, password: str) -> bytes:
+    """An HTTP Basic Authorization value."""
+    return b"Basic " + base64.b64encode(f"{user}:{password}".encode())
+
+
+@dataclass
+class Server:
+    """A consoleproxy listening on loopback, with its parts exposed."""
+
+    port: int
+    tokens: TokenAuthority
+    relay: GuacamoleRelayFactory
+    cloud: InventoryCloud
+    listening: Any
+
+    def url(self, path: str) -> bytes:
+        """An http URL on this server."""
+        return f"http://127.0.0.1:{self.port}{path}".encode()
+
+    def ws_url(self, path: str = "/guacamole") -> str:
+        """A ws URL on this server."""
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+
+@inlineCallbacks
+def start_server(
+    testcase: Any,
+    guacd_port: int = 1,
+    lifetime: float = 60,
+    handshake_timeout: float = 15,
+    clock: Any = reactor,
+):  # type: ignore[no-untyped-def]
+    """Start consoleproxy on 127.0.0.1:0 against guacd on C{guacd_port}; stop on cleanup."""
+    directory = testcase.mktemp()
+    cloud = InventoryCloud(write_inventory(directory), synchronous_verifier())
+    tokens = TokenAuthority(KeyRing([os.urandom(32)]), clock, lifetime=lifetime)
+    relay = GuacamoleRelayFactory(
+        tokens,
+        RelaySettings(
+            guacd=TCP4ClientEndpoint(reactor, "127.0.0.1", guacd_port),
+            handshake_timeout=handshake_timeout,
+            timezone="Europe/Madrid",
+        ),
+        clock=clock,
+    )
+    web = ConsoleProxyWeb(TokenApi(cloud, cloud, tokens), RelayResource(relay))
+    site = build_site(web, reactor)
+    listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+    testcase.addCleanup(listening.stopListening)
+    return Server(listening.getHost().port, tokens, relay, cloud, listening)
+
+
+@inlineCallbacks
+def get_json(url: bytes, authorization: bytes | None = None):  # type: ignore[no-untyped-def]
+    """GET C{url}; return (status, headers, parsed JSON body)."""
+    headers = Headers({b"Authorization": [authorization]} if authorization else {})
+    response = yield Agent(reactor).request(b"GET", url, headers)
+    body = yield readBody(response)
+    return response.code, response.headers, json.loads(body)
+
+
+def wait(seconds: float) -> Deferred[None]:
+    """A Deferred that fires after C{seconds} of real time."""
+    d: Deferred[None] = Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
