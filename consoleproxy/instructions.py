@@ -198,9 +198,7 @@ class InstructionStream:
             instructions.append(text[start:end])
             start = end
         rest = text[start:]
-        if len(rest) > MAX_INSTRUCTION_BYTES:
-            raise InstructionError(
-                f"instruction exceeds {MAX_INSTRUCTION_BYTES} bytes", Status.CLIENT_OVERRUN
-            )
+        if len(rest) * 4 > MAX_INSTRUCTION_BYTES:
+            _check_size(rest, 0, len(rest))
         self._pending = rest
         return instructions

@@ -78,12 +78,19 @@ class Inventory:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise InventoryError(f"{source}: {e}") from e
+        unknown = set(data) - {"users", "vm"}
+        if unknown:
+            raise InventoryError(f"{source}: unknown keys {sorted(unknown)}")
         users = {}
         for name, entry in _table(data, "users", source).items():
             where = f"{source}: users.{name}"
             if not _USER_NAME.fullmatch(name):
                 raise InventoryError(f"{where}: a user name has no blanks or ':'")
-            password_hash = _table_of(entry, where).get("password_hash")
+            entry = _table_of(entry, where)
+            extra = set(entry) - {"password_hash"}
+            if extra:
+                raise InventoryError(f"{where}: unknown keys {sorted(extra)}")
+            password_hash = entry.get("password_hash")
             if not isinstance(password_hash, str) or not password_hash.startswith("$argon2"):
                 raise InventoryError(
                     f"{where}.password_hash: an Argon2 hash is required (consoleproxy-passwd)"
