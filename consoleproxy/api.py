@@ -57,9 +57,9 @@ class TokenApi:
                     b"WWW-Authenticate", b'Basic realm="consoleproxy", charset="UTF-8"'
                 )
             self.log.info(
-                "Token refused: {status} {message} (vm={vm} type={type} peer={peer})",
+                "Token refused: {status} {why} (vm={vm} type={type} peer={peer})",
                 status=e.status,
-                message=e.message,
+                why=e.message,
                 vm=vm_id[:32],
                 type=console_type[:16],
                 peer=peer2str(request.getClientAddress()),

@@ -120,9 +120,9 @@ class Config:
             if not low <= value <= high:
                 raise ConfigError(self.key_of(name), f"must be between {low} and {high} seconds")
         size = self.max_message_size
-        if isinstance(size, bool) or not isinstance(size, int) or not 4096 <= size <= 16777216:
+        if isinstance(size, bool) or not isinstance(size, int) or not 65536 <= size <= 16777216:
             raise ConfigError(
-                self.key_of("max_message_size"), "a number of bytes between 4096 and 16777216"
+                self.key_of("max_message_size"), "a number of bytes between 65536 and 16777216"
             )
         for name in ("guacd", "timezone", "key_file", "inventory"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):

@@ -15,7 +15,9 @@ We answer with guacd's version, capped at the newest we speak (1.5.0), and
 send exactly one ``connect`` value per ``args`` name: guacd closes the
 connection when the count is off.  After ``ready`` the protocol does not
 interpret guacd's output beyond finding instruction boundaries and noticing
-``error`` instructions, whose status decides how the browser's side closes.
+``error`` and ``disconnect``: guacd drops the user then but leaves the socket
+open, so the connection is closed here, and the error's status decides how
+the browser's side closes.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from consoleproxy.status import GuacamoleError, Status
 #: The newest protocol version this client speaks.
 SUPPORTED_VERSION = (1, 5, 0)
 _ERROR_PREFIX = "5.error,"
+_DISCONNECT_PREFIX = "10.disconnect"
 
 
 def _version_tuple(element: str) -> tuple[int, int, int] | None:
@@ -221,15 +224,24 @@ class GuacdProtocol(Protocol):
     def _deliver(self, instructions: list[str]) -> None:
         if not instructions:
             return
+        ended = False
         for instruction in instructions:
             if instruction.startswith(_ERROR_PREFIX):
                 parts = elements(instruction)
                 status = Status.parse(parts[2]) if len(parts) > 2 else Status.SERVER_ERROR
-                self._error = (status, parts[1] if len(parts) > 1 else "")
+                if self._error is None:
+                    self._error = (status, parts[1] if len(parts) > 1 else "")
+                ended = True
+            elif instruction.startswith(_DISCONNECT_PREFIX):
+                ended = True
         if self._sink is None:
             self._held.extend(instructions)
         else:
             self._sink("".join(instructions))
+        if ended and self.transport is not None:
+            # guacd drops the user after 'error' or 'disconnect' but keeps the
+            # socket open until the client writes or closes: close it here.
+            self.transport.loseConnection()
 
     def _fail(self, error: Exception) -> None:
         """A protocol violation: end the handshake or the session."""

@@ -71,7 +71,24 @@ class RelaySettings:
     linger: float = 5.0
 
 
-class GuacamoleRelayProtocol(WebSocketServerProtocol):
+class CancelTimersOnLoss:
+    """
+    Mixin for Autobahn protocols: cancel the close-handshake timers when the
+    connection is gone.  Autobahn leaves them to fire on a closed protocol,
+    which with one DelayedCall per timer (L{ClockTimer}) would keep every
+    closed session referenced until then.
+    """
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        super().connectionLost(reason)  # type: ignore[misc]
+        for name in ("closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall"):
+            call = getattr(self, name, None)
+            if call is not None:
+                call.cancel()
+                setattr(self, name, None)
+
+
+class GuacamoleRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
     """One console session: a browser's WebSocket and its guacd connection."""
 
     factory: GuacamoleRelayFactory
@@ -147,7 +164,8 @@ class GuacamoleRelayProtocol(WebSocketServerProtocol):
     def _guacd_failed(self, failure: Failure) -> str | Failure:
         self._connecting = None
         if failure.check(CancelledError):
-            return failure  # the browser left; nothing to answer
+            # The browser left while guacd was connecting: nobody to answer.
+            return Failure(ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "client gone"))
         if failure.check(GuacamoleError):
             return self._refuse(failure.value.status, str(failure.value))
         self._log.failure("Unexpected error while connecting to guacd", failure)
@@ -158,10 +176,10 @@ class GuacamoleRelayProtocol(WebSocketServerProtocol):
         if self._refusal is not None:
             status, message = self._refusal
             self._log.info(
-                "Console refused: peer={peer} status={status} ({message})",
+                "Console refused: peer={peer} status={status} ({why})",
                 peer=self._peer,
                 status=int(status),
-                message=message,
+                why=message,
             )
             self._close_status = self._refusal
             self._close(status)
@@ -189,9 +207,26 @@ class GuacamoleRelayProtocol(WebSocketServerProtocol):
     # -- relaying ------------------------------------------------------------------
 
     def _send(self, instructions: str) -> None:
+        """Send whole instructions, in as few messages as the size limit allows."""
+        if self.state != self.STATE_OPEN:
+            return  # closing: guacd's side is being closed too
         payload = instructions.encode("utf-8")
         self.bytes_to_browser += len(payload)
-        self.sendMessage(payload, isBinary=False)
+        limit = self.factory.max_message_size
+        if len(payload) <= limit:
+            self.sendMessage(payload, isBinary=False)
+            return
+        # Rare (a read larger than the limit): cut at instruction boundaries.
+        batch: list[bytes] = []
+        size = 0
+        for instruction in split(instructions):
+            raw = instruction.encode("utf-8")
+            if batch and size + len(raw) > limit:
+                self.sendMessage(b"".join(batch), isBinary=False)
+                batch, size = [], 0
+            batch.append(raw)
+            size += len(raw)
+        self.sendMessage(b"".join(batch), isBinary=False)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         guacd = self._guacd
@@ -286,7 +321,7 @@ class GuacamoleRelayProtocol(WebSocketServerProtocol):
         self._log.info(
             "Console closed: user={user} vm={vm} type={type} guacd={conn} peer={peer} "
             "to_browser={down} from_browser={up} duration={duration:.1f}s "
-            "status={status} ({message})",
+            "status={status} ({why})",
             user=claims.user,
             vm=claims.console.vm_id,
             type=claims.console.console_type,
@@ -296,7 +331,7 @@ class GuacamoleRelayProtocol(WebSocketServerProtocol):
             up=self.bytes_from_browser,
             duration=self.factory.clock.seconds() - self._opened_at,
             status=int(status),
-            message=message,
+            why=message,
         )
 
 
@@ -305,6 +340,32 @@ def _single(query: Mapping[str, list[str]], name: str) -> str:
     if len(values) != 1:
         raise TokenError("malformed")
     return values[0]
+
+
+class ClockTimer:
+    """
+    Autobahn's timers on an injected clock, one DelayedCall each.
+
+    Autobahn's default batches timers in buckets on the global reactor via
+    txaio: a cancelled timer's bucket stays scheduled, and tests cannot
+    drive it with a L{twisted.internet.task.Clock}.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+
+    def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> _Call:
+        """Schedule C{func}; the result's C{cancel} is safe to call at any time."""
+        return _Call(self._clock.callLater(delay, func, *args, **kwargs))
+
+
+class _Call:
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def cancel(self) -> None:
+        if self._call.active():
+            self._call.cancel()
 
 
 class GuacamoleRelayFactory(WebSocketServerFactory):
@@ -331,6 +392,8 @@ class GuacamoleRelayFactory(WebSocketServerFactory):
         self.sessions: set[GuacamoleRelayProtocol] = set()
         self.lingering: set[Any] = set()
         self.token_refusals: dict[str, int] = {}
+        self._batched_timer = ClockTimer(clock)
+        self.max_message_size = max_message_size
         self.setProtocolOptions(
             webStatus=False,
             maxFramePayloadSize=max_message_size,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from twisted.internet.defer import inlineCallbacks
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from tests.support import basic, get_json, start_server
@@ -109,8 +109,6 @@ class TokenApiTests(TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         _, _, body = yield get_json(self.server.url("/api/vm/7/guacamole/vnc"), ALICE)
         yield get_json(self.server.url("/api/vm/7/guacamole/vnc"), basic("alice", "wr0ng"))
-        from twisted.logger import formatEvent
-
         text = "\n".join(formatEvent(e) + repr(e) for e in events)
         self.assertIn("Token issued", text)
         for secret in ("wonderland", "wr0ng", "vnc-secret", body["data"], ALICE.decode()):

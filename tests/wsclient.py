@@ -9,8 +9,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
+from consoleproxy.relay import CancelTimersOnLoss, ClockTimer
 
-class GuacamoleClient(WebSocketClientProtocol):
+
+class GuacamoleClient(CancelTimersOnLoss, WebSocketClientProtocol):
     """Records every message and how the connection closed."""
 
     factory: ClientFactory
@@ -66,6 +68,10 @@ class GuacamoleClient(WebSocketClientProtocol):
 
 class ClientFactory(WebSocketClientFactory):
     protocol = GuacamoleClient
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batched_timer = ClockTimer(reactor)  # no txaio buckets left in the reactor
 
 
 def connect(
