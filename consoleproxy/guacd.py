@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
@@ -257,11 +259,15 @@ class GuacdProtocol(Protocol):
         self.closed.callback(None)
         if self._handshaking:
             if not self.ready.called:
-                self.ready.errback(
-                    GuacamoleError(
+                if reason.check(SSL.Error, VerificationError):
+                    error = GuacamoleError(
+                        Status.SERVER_ERROR, f"TLS with guacd failed: {reason.getErrorMessage()}"
+                    )
+                else:
+                    error = GuacamoleError(
                         Status.UPSTREAM_ERROR, "guacd closed the connection during the handshake"
                     )
-                )
+                self.ready.errback(error)
             return
         if self._closing_reason is None:
             if self._error is not None:

@@ -11,7 +11,7 @@ from typing import Any
 from argon2 import PasswordHasher
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
@@ -101,19 +101,25 @@ class Server:
 @inlineCallbacks
 def start_server(
     testcase: Any,
+    *,
     guacd_port: int = 1,
     lifetime: float = 60,
     handshake_timeout: float = 15,
     clock: Any = reactor,
+    guacd: str | None = None,
+    listen: str = "tcp:0:interface=127.0.0.1",
 ):  # type: ignore[no-untyped-def]
-    """Start consoleproxy on 127.0.0.1:0 against guacd on C{guacd_port}; stop on cleanup."""
+    """
+    Start consoleproxy on C{listen} (a server endpoint string) against guacd on
+    127.0.0.1:C{guacd_port} or the client endpoint string C{guacd}; stop on cleanup.
+    """
     directory = testcase.mktemp()
     cloud = InventoryCloud(write_inventory(directory), synchronous_verifier())
     tokens = TokenAuthority(KeyRing([os.urandom(32)]), clock, lifetime=lifetime)
     relay = GuacamoleRelayFactory(
         tokens,
         RelaySettings(
-            guacd=TCP4ClientEndpoint(reactor, "127.0.0.1", guacd_port),
+            guacd=clientFromString(reactor, guacd or f"tcp:127.0.0.1:{guacd_port}"),
             handshake_timeout=handshake_timeout,
             timezone="Europe/Madrid",
         ),
@@ -121,7 +127,7 @@ def start_server(
     )
     web = ConsoleProxyWeb(TokenApi(cloud, cloud, tokens), RelayResource(relay))
     site = build_site(web, reactor)
-    listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+    listening = yield serverFromString(reactor, listen).listen(site)
     testcase.addCleanup(listening.stopListening)
     return Server(listening.getHost().port, tokens, relay, cloud, listening)
 

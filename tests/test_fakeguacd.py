@@ -7,14 +7,8 @@ sockets; timer behaviour runs on a ``task.Clock`` with ``StringTransport``.
 from __future__ import annotations
 
 import codecs
-import datetime
-import ipaddress
 import uuid
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer, endpoints, protocol, reactor, ssl, task
@@ -33,6 +27,7 @@ from tests.fakeguacd import (
     HandshakeFailed,
     Parser,
 )
+from tests.testca import make_tls_files
 
 # -- an independent client-side codec ----------------------------------------------------
 
@@ -133,77 +128,6 @@ HANDSHAKE = (
 
 def connect_values(names: list[str], **values: str) -> list[str]:
     return [values.get(name.replace("-", "_"), "") for name in names]
-
-
-def make_tls_files(directory) -> tuple[str, str, bytes]:
-    """A CA and a server certificate for localhost/127.0.0.1; returns key, cert, CA PEM."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fakeguacd test CA")])
-    usage = {
-        k: False
-        for k in (
-            "digital_signature",
-            "content_commitment",
-            "key_encipherment",
-            "data_encipherment",
-            "key_agreement",
-            "key_cert_sign",
-            "crl_sign",
-            "encipher_only",
-            "decipher_only",
-        )
-    }
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(**{**usage, "key_cert_sign": True, "crl_sign": True}), critical=True
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    directory.makedirs()
-    key_path, cert_path = directory.child("server.key"), directory.child("server.crt")
-    key_path.setContent(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    cert_path.setContent(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path.path, cert_path.path, ca_cert.public_bytes(serialization.Encoding.PEM)
 
 
 # -- the parser --------------------------------------------------------------------------
