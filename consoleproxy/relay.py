@@ -42,6 +42,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from consoleproxy.consoles import Display
 from consoleproxy.guacd import GuacdProtocol, HandshakeRequest, connect_guacd
 from consoleproxy.instructions import INTERNAL_OPCODE, InstructionError, elements, encode, split
+from consoleproxy.routing import json_body
 from consoleproxy.status import GuacamoleError, Status
 from consoleproxy.tokens import Claims, TokenAuthority, TokenError
 
@@ -416,6 +417,12 @@ class RelayResource(WebSocketResource):
     """
 
     def render(self, request: Request) -> Any:
+        upgrade = (request.getHeader(b"upgrade") or b"").lower()
+        if upgrade != b"websocket":
+            request.setHeader(b"Upgrade", b"websocket")
+            return json_body(
+                request, 426, "Upgrade Required", "a WebSocket endpoint (subprotocol guacamole)"
+            )
         channel = request.channel
         transport = channel.transport
         if transport is None:

@@ -30,7 +30,7 @@ _SEGMENT = re.compile(r"<([a-z_][a-z0-9_]*)>")
 
 def json_body(request: Request, status: int, message: str, data: Any) -> bytes:
     """Set C{status} and answer in FireEdge's shape C{{"id", "message", "data"}}."""
-    request.setResponseCode(status)
+    request.setResponseCode(status, message.encode("ascii", "replace"))
     request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
     request.setHeader(b"Cache-Control", b"no-store")
     body = {"id": status, "message": message, "data": data}

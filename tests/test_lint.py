@@ -10,6 +10,7 @@ import sys
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PATHS = ("consoleproxy", "tests", "twisted", "bench", "scripts")
 
 
 class LintTests(SynchronousTestCase):
@@ -18,7 +19,7 @@ class LintTests(SynchronousTestCase):
         if ruff is None:
             raise SkipTest("ruff is not installed (scripts/setup installs it)")
         return subprocess.run(
-            [ruff, *args, "consoleproxy", "tests", "twisted", "bench"],
+            [ruff, *args, *(p for p in PATHS if os.path.isdir(os.path.join(ROOT, p)))],
             cwd=ROOT,
             capture_output=True,
             text=True,

@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 from consoleproxy.consoles import Console, Identity
 from consoleproxy.instructions import InstructionStream, elements, encode
 from tests.fakeguacd import DEFAULT_ARGS, Behaviour, FakeGuacd
-from tests.support import start_server, wait
+from tests.support import get_json, start_server, wait
 from tests.wsclient import connect
 
 ALICE = Identity("alice")
@@ -371,6 +371,31 @@ class GuacdHandshakeErrorTests(RelayTestCase):
         )
         self.assertEqual((code, reason), (1002, "516"))
         self.assertEqual(client.messages, [])
+
+
+class DelayedReadyTests(RelayTestCase):
+    def behaviour(self) -> Behaviour:
+        return Behaviour(ready_delay=0.3)
+
+    @inlineCallbacks
+    def test_accepted_only_after_ready(self):  # type: ignore[no-untyped-def]
+        token = self.server.tokens.seal(ALICE, VNC)
+        started = reactor.seconds()
+        client = yield connect(self.server.ws_url(f"/guacamole?token={token}"))
+        self.addCleanup(self._close, client)
+        yield client.opened
+        self.assertGreaterEqual(reactor.seconds() - started, 0.3)
+        self.assertIsNotNone(self.guacd.connections[0].connection_id)
+        messages = yield client.wait_messages(1)
+        self.assertRegex(messages[0], UUID)
+
+
+class PlainHttpTests(RelayTestCase):
+    @inlineCallbacks
+    def test_plain_get_gets_json_426(self):  # type: ignore[no-untyped-def]
+        code, _, body = yield get_json(self.server.url("/guacamole?token=x"))
+        self.assertEqual((code, body["id"]), (426, 426))
+        self.assertEqual(self.guacd.connections, [])
 
 
 class GuacdSilentTests(RelayTestCase):
