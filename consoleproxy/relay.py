@@ -410,10 +410,11 @@ class RelayResource(WebSocketResource):
     """
     Mounts the relay in twisted.web, handing the connection over cleanly.
 
-    twisted.web's channel stays registered as the transport's producer and
-    keeps its idle timer after Autobahn takes the transport: both are
-    removed here, so the relay's own producers can be registered and an idle
-    console is not cut by the HTTP timeout.
+    twisted.web's channel stays registered as the transport's producer after
+    Autobahn takes the transport: it is unregistered here so the relay can
+    register its own.  (The channel's idle timeout is already off while a
+    request is in progress, and this request never finishes.)  A plain GET
+    gets a JSON 426 instead of Autobahn's page.
     """
 
     def render(self, request: Request) -> Any:
@@ -427,7 +428,6 @@ class RelayResource(WebSocketResource):
         transport = channel.transport
         if transport is None:
             return super().render(request)
-        channel.setTimeout(None)
         transport.unregisterProducer()
         result = super().render(request)
         return NOT_DONE_YET if result is NOT_DONE_YET else result

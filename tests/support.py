@@ -108,6 +108,7 @@ def start_server(
     clock: Any = reactor,
     guacd: str | None = None,
     listen: str = "tcp:0:interface=127.0.0.1",
+    http_timeout: float = 60,
 ):  # type: ignore[no-untyped-def]
     """
     Start consoleproxy on C{listen} (a server endpoint string) against guacd on
@@ -126,7 +127,7 @@ def start_server(
         clock=clock,
     )
     web = ConsoleProxyWeb(TokenApi(cloud, cloud, tokens), RelayResource(relay))
-    site = build_site(web, reactor)
+    site = build_site(web, reactor, timeout=http_timeout)
     listening = yield serverFromString(reactor, listen).listen(site)
     testcase.addCleanup(listening.stopListening)
     return Server(listening.getHost().port, tokens, relay, cloud, listening)

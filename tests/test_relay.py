@@ -390,6 +390,23 @@ class DelayedReadyTests(RelayTestCase):
         self.assertRegex(messages[0], UUID)
 
 
+class IdleSessionTests(RelayTestCase):
+    @inlineCallbacks
+    def test_http_timeout_does_not_cut_an_open_session(self):  # type: ignore[no-untyped-def]
+        server = yield start_server(self, guacd_port=self.guacd.port, http_timeout=0.3)
+        token = server.tokens.seal(ALICE, VNC)
+        client = yield connect(server.ws_url(f"/guacamole?token={token}"))
+        self.addCleanup(self._close, client)
+        yield client.opened
+        conn = yield self.guacd.wait_for_connection()
+        yield wait(1.0)
+        self.assertFalse(client.closed.called)
+        conn.send("sync", "7")
+        messages = yield client.wait_messages(2)
+        self.assertEqual(messages[1], "4.sync,1.7;")
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
 class PlainHttpTests(RelayTestCase):
     @inlineCallbacks
     def test_plain_get_gets_json_426(self):  # type: ignore[no-untyped-def]
