@@ -12,7 +12,11 @@ The keys, by section (see ``consoleproxy/examples/consoleproxy.toml``)::
     [guacd]     endpoint, handshake_timeout, timezone
     [tokens]    key_file, lifetime
     [relay]     max_message_size
+    [cloud]     backend ("inventory" or "opennebula")
     [inventory] path
+    [opennebula] xmlrpc, trust_roots, timeout, max_concurrent,
+                server_admin_auth, zone, vnc_states, ssh_states, rdp_states,
+                loopback_address
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 
 from consoleproxy.guacd import default_timezone
+from consoleproxy.opennebula_consoles import RUNNING_ONLY, VNC_LCM_STATES
 
 
 class ConfigError(ValueError):
@@ -64,6 +69,25 @@ class Config:
     inventory: str = field(
         default_factory=lambda: example_path("inventory.toml"), metadata=_key("inventory.path")
     )
+    cloud: str = field(default="inventory", metadata=_key("cloud.backend"))
+    one_xmlrpc: str = field(
+        default="http://localhost:2633/RPC2", metadata=_key("opennebula.xmlrpc")
+    )
+    one_trust_roots: str = field(default="", metadata=_key("opennebula.trust_roots"))
+    one_timeout: float = field(default=10.0, metadata=_key("opennebula.timeout"))
+    one_max_concurrent: int = field(default=8, metadata=_key("opennebula.max_concurrent"))
+    one_server_admin_auth: str = field(default="", metadata=_key("opennebula.server_admin_auth"))
+    one_zone: int = field(default=0, metadata=_key("opennebula.zone"))
+    one_vnc_states: list[int] = field(
+        default_factory=lambda: sorted(VNC_LCM_STATES), metadata=_key("opennebula.vnc_states")
+    )
+    one_ssh_states: list[int] = field(
+        default_factory=lambda: sorted(RUNNING_ONLY), metadata=_key("opennebula.ssh_states")
+    )
+    one_rdp_states: list[int] = field(
+        default_factory=lambda: sorted(RUNNING_ONLY), metadata=_key("opennebula.rdp_states")
+    )
+    one_loopback_address: str = field(default="", metadata=_key("opennebula.loopback_address"))
 
     @classmethod
     def key_of(cls, name: str) -> str:
@@ -109,24 +133,33 @@ class Config:
             self.listen = [self.listen]
         if not self.listen or not all(isinstance(s, str) and s for s in self.listen):
             raise ConfigError(self.key_of("listen"), "a non-empty list of endpoint strings")
-        for name, low, high in (
-            ("http_timeout", 1, 86400),
-            ("handshake_timeout", 1, 300),
-            ("token_lifetime", 1, 86400),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(self.key_of(name), f"a number of seconds, not {value!r}")
-            if not low <= value <= high:
-                raise ConfigError(self.key_of(name), f"must be between {low} and {high} seconds")
+        _number(self, "http_timeout", 1, 86400)
+        _number(self, "handshake_timeout", 1, 300)
+        _number(self, "token_lifetime", 1, 86400)
         size = self.max_message_size
         if isinstance(size, bool) or not isinstance(size, int) or not 65536 <= size <= 16777216:
             raise ConfigError(
                 self.key_of("max_message_size"), "a number of bytes between 65536 and 16777216"
             )
-        for name in ("guacd", "timezone", "key_file", "inventory"):
+        for name in ("guacd", "timezone", "key_file", "inventory", "one_xmlrpc"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(self.key_of(name), "a non-empty string")
+        for name in ("one_trust_roots", "one_server_admin_auth", "one_loopback_address"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(self.key_of(name), "a string")
+        if self.cloud not in ("inventory", "opennebula"):
+            raise ConfigError(self.key_of("cloud"), "one of: inventory, opennebula")
+        if not self.one_xmlrpc.startswith(("http://", "https://")):
+            raise ConfigError(self.key_of("one_xmlrpc"), "an http:// or https:// URL")
+        _number(self, "one_timeout", 0.1, 300)
+        _whole(self, "one_max_concurrent", 1, 1000)
+        _whole(self, "one_zone", 0, 2**31 - 1)
+        for name in ("one_vnc_states", "one_ssh_states", "one_rdp_states"):
+            states = getattr(self, name)
+            if not isinstance(states, list) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1000 for s in states
+            ):
+                raise ConfigError(self.key_of(name), "a list of LCM_STATE numbers")
 
     def server_endpoints(self, reactor: Any) -> list[IStreamServerEndpoint]:
         """Parse C{listen}; C{ssl:} endpoints load their certificates now."""
@@ -152,6 +185,20 @@ class Config:
             return clientFromString(reactor, self.guacd)
         except Exception as e:
             raise ConfigError(self.key_of("guacd"), f"bad endpoint: {_why(e)}") from e
+
+
+def _number(config: Config, name: str, low: float, high: float) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(config.key_of(name), f"a number of seconds, not {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(config.key_of(name), f"must be between {low:g} and {high:g} seconds")
+
+
+def _whole(config: Config, name: str, low: int, high: int) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(config.key_of(name), f"a whole number from {low} to {high}")
 
 
 def _why(error: Exception) -> str:

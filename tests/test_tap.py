@@ -129,9 +129,9 @@ class OptionsTests(SynchronousTestCase):
         )
         self.assertEqual(stat.S_IMODE(os.stat(key_file).st_mode), 0o600)
         service = tap.makeService(options)
-        children = list(service)
-        self.assertEqual(len(children), 2)
-        self.assertTrue(all(isinstance(c, StreamServerEndpointService) for c in children))
+        listeners = [c for c in service if isinstance(c, StreamServerEndpointService)]
+        self.assertEqual(len(listeners), 2)
+        self.assertEqual(len([c for c in service if isinstance(c, tap.CloudService)]), 1)
         self.assertFalse(service.running)
 
     def test_bad_value_is_one_usage_error(self) -> None:
