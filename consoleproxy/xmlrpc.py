@@ -24,12 +24,19 @@ from xml.etree.ElementTree import Element
 
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import ParseError, fromstring
-from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseNeverReceived,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
@@ -114,8 +121,8 @@ class XmlRpcClient:
         """
         body = xmlrpc.client.dumps(params, methodname=method, allow_none=False).encode("utf-8")
         result: Deferred[Any] = self._semaphore.run(self._post, body)
-        result.addTimeout(self._timeout, self._reactor)
-        result.addErrback(_unavailable, self.url, self._timeout)
+        result.addTimeout(self._timeout, self._reactor, onTimeoutCancel=self._timed_out)
+        result.addErrback(_unavailable, self.url)
         return result
 
     def _post(self, body: bytes) -> Deferred[Any]:
@@ -131,23 +138,29 @@ class XmlRpcClient:
             raise RpcProtocolError(f"HTTP {response.code} from {self.url}")
         if response.length is not None and response.length > MAX_RESPONSE_BYTES:
             response.deliverBody(_Discard())
-            raise RpcProtocolError(f"response of {response.length} bytes is too large")
+            raise RpcProtocolError(
+                f"response of {response.length} bytes exceeds {MAX_RESPONSE_BYTES} bytes"
+            )
         reader = _BoundedReader(MAX_RESPONSE_BYTES)
         response.deliverBody(reader)
         return reader.done.addCallback(parse_response)
+
+    def _timed_out(self, result: Any, timeout: float) -> Failure:
+        return Failure(RpcUnavailable(f"{self.url} did not answer within {timeout:g} s"))
 
     def close(self) -> Deferred[None]:
         """Close idle connections (call when shutting down)."""
         return self._pool.closeCachedConnections()
 
 
-def _unavailable(failure: Failure, url: str, timeout: float) -> Failure:
-    if failure.check(TimeoutError):
-        return Failure(RpcUnavailable(f"{url} did not answer within {timeout:g} s"))
+def _unavailable(failure: Failure, url: str) -> Failure:
     if failure.check(ConnectError):
         return Failure(RpcUnavailable(f"cannot connect to {url}: {failure.getErrorMessage()}"))
     if failure.check(RpcFault, RpcProtocolError, RpcUnavailable):
         return failure
+    if failure.check(ResponseNeverReceived, RequestTransmissionFailed):
+        why = "; ".join(reason.getErrorMessage() for reason in failure.value.reasons)
+        return Failure(RpcUnavailable(f"{url}: no response ({why})"))
     return Failure(RpcUnavailable(f"{url}: {failure.getErrorMessage()}"))
 
 
@@ -201,6 +214,11 @@ class _BoundedReader(Protocol):
 
 
 class _Discard(Protocol):
+    """Abandons a response body: the connection is closed rather than reused."""
+
+    def makeConnection(self, transport: Any) -> None:
+        transport.stopProducing()
+
     def connectionLost(self, reason: Failure) -> None:
         pass
 
