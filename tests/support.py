@@ -86,7 +86,7 @@ class Server:
     port: int
     tokens: TokenAuthority
     relay: GuacamoleRelayFactory
-    cloud: InventoryCloud
+    cloud: Any
     listening: Any
 
     def url(self, path: str) -> bytes:
@@ -109,13 +109,15 @@ def start_server(
     guacd: str | None = None,
     listen: str = "tcp:0:interface=127.0.0.1",
     http_timeout: float = 60,
+    cloud: Any = None,
 ):  # type: ignore[no-untyped-def]
     """
     Start consoleproxy on C{listen} (a server endpoint string) against guacd on
     127.0.0.1:C{guacd_port} or the client endpoint string C{guacd}; stop on cleanup.
     """
     directory = testcase.mktemp()
-    cloud = InventoryCloud(write_inventory(directory), synchronous_verifier())
+    if cloud is None:
+        cloud = InventoryCloud(write_inventory(directory), synchronous_verifier())
     tokens = TokenAuthority(KeyRing([os.urandom(32)]), clock, lifetime=lifetime)
     relay = GuacamoleRelayFactory(
         tokens,
