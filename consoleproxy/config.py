@@ -14,6 +14,11 @@ The keys, by section (see ``consoleproxy/examples/consoleproxy.toml``)::
     [relay]     max_message_size
     [cloud]     backend ("inventory" or "opennebula")
     [inventory] path
+    [tunnels]   default, user, ssh_port, keys, passphrase_file, agent,
+                known_hosts, accept_new, target, listen_address, port_range,
+                guacd_address, accept_timeout, keepalive_interval,
+                keepalive_count, idle_grace, probe_timeout, probe_cache,
+                [[tunnels.rule]] hosts, clusters, mode, user, port
     [opennebula] xmlrpc, trust_roots, timeout, max_concurrent,
                 server_admin_auth, zone, vnc_states, ssh_states, rdp_states,
                 loopback_address
@@ -88,6 +93,29 @@ class Config:
         default_factory=lambda: sorted(RUNNING_ONLY), metadata=_key("opennebula.rdp_states")
     )
     one_loopback_address: str = field(default="", metadata=_key("opennebula.loopback_address"))
+    tunnel_default: str = field(default="direct", metadata=_key("tunnels.default"))
+    tunnel_rules: list[dict[str, Any]] = field(default_factory=list, metadata=_key("tunnels.rule"))
+    tunnel_user: str = field(default="oneadmin", metadata=_key("tunnels.user"))
+    tunnel_ssh_port: int = field(default=22, metadata=_key("tunnels.ssh_port"))
+    tunnel_keys: list[str] = field(default_factory=list, metadata=_key("tunnels.keys"))
+    tunnel_passphrase_file: str = field(default="", metadata=_key("tunnels.passphrase_file"))
+    tunnel_agent: bool = field(default=False, metadata=_key("tunnels.agent"))
+    tunnel_known_hosts: str = field(
+        default="~/.ssh/known_hosts", metadata=_key("tunnels.known_hosts")
+    )
+    tunnel_accept_new: bool = field(default=False, metadata=_key("tunnels.accept_new"))
+    tunnel_target: str = field(default="127.0.0.1", metadata=_key("tunnels.target"))
+    tunnel_listen_address: str = field(default="127.0.0.1", metadata=_key("tunnels.listen_address"))
+    tunnel_port_range: str = field(default="", metadata=_key("tunnels.port_range"))
+    tunnel_guacd_address: str = field(default="", metadata=_key("tunnels.guacd_address"))
+    tunnel_accept_timeout: float = field(default=20.0, metadata=_key("tunnels.accept_timeout"))
+    tunnel_keepalive_interval: float = field(
+        default=15.0, metadata=_key("tunnels.keepalive_interval")
+    )
+    tunnel_keepalive_count: int = field(default=3, metadata=_key("tunnels.keepalive_count"))
+    tunnel_idle_grace: float = field(default=30.0, metadata=_key("tunnels.idle_grace"))
+    tunnel_probe_timeout: float = field(default=2.0, metadata=_key("tunnels.probe_timeout"))
+    tunnel_probe_cache: float = field(default=300.0, metadata=_key("tunnels.probe_cache"))
 
     @classmethod
     def key_of(cls, name: str) -> str:
@@ -154,12 +182,79 @@ class Config:
         _number(self, "one_timeout", 0.1, 300)
         _whole(self, "one_max_concurrent", 1, 1000)
         _whole(self, "one_zone", 0, 2**31 - 1)
+        self._check_tunnels()
         for name in ("one_vnc_states", "one_ssh_states", "one_rdp_states"):
             states = getattr(self, name)
             if not isinstance(states, list) or not all(
                 isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1000 for s in states
             ):
                 raise ConfigError(self.key_of(name), "a list of LCM_STATE numbers")
+
+    def _check_tunnels(self) -> None:
+        modes = ("direct", "ssh", "auto")
+        if self.tunnel_default not in modes:
+            raise ConfigError(self.key_of("tunnel_default"), "one of: direct, ssh, auto")
+        for name in ("tunnel_user", "tunnel_known_hosts", "tunnel_target", "tunnel_listen_address"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(self.key_of(name), "a non-empty string")
+        for name in ("tunnel_passphrase_file", "tunnel_port_range", "tunnel_guacd_address"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(self.key_of(name), "a string")
+        for name in ("tunnel_agent", "tunnel_accept_new"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(self.key_of(name), "true or false")
+        if not isinstance(self.tunnel_keys, list) or not all(
+            isinstance(k, str) and k for k in self.tunnel_keys
+        ):
+            raise ConfigError(self.key_of("tunnel_keys"), "a list of private key file paths")
+        _whole(self, "tunnel_ssh_port", 1, 65535)
+        _whole(self, "tunnel_keepalive_count", 1, 100)
+        _number(self, "tunnel_accept_timeout", 1, 300)
+        _number(self, "tunnel_keepalive_interval", 1, 3600)
+        _number(self, "tunnel_idle_grace", 0, 86400)
+        _number(self, "tunnel_probe_timeout", 0.1, 60)
+        _number(self, "tunnel_probe_cache", 0, 86400)
+        self.port_range()
+        if not isinstance(self.tunnel_rules, list):
+            raise ConfigError(self.key_of("tunnel_rules"), "an array of tables [[tunnels.rule]]")
+        for index, rule in enumerate(self.tunnel_rules):
+            key = f"tunnels.rule[{index}]"
+            if not isinstance(rule, dict):
+                raise ConfigError(key, "must be a table")
+            unknown = set(rule) - {"hosts", "clusters", "mode", "user", "port"}
+            if unknown:
+                raise ConfigError(key, f"unknown keys {sorted(unknown)}")
+            if rule.get("mode") not in modes:
+                raise ConfigError(f"{key}.mode", "one of: direct, ssh, auto")
+            hosts, clusters = rule.get("hosts", []), rule.get("clusters", [])
+            if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+                raise ConfigError(f"{key}.hosts", "a list of host patterns")
+            if not isinstance(clusters, list) or not all(
+                isinstance(c, int) and not isinstance(c, bool) for c in clusters
+            ):
+                raise ConfigError(f"{key}.clusters", "a list of cluster ids")
+            if not hosts and not clusters:
+                raise ConfigError(key, "needs hosts or clusters")
+            if "user" in rule and not (isinstance(rule["user"], str) and rule["user"]):
+                raise ConfigError(f"{key}.user", "a user name")
+            port = rule.get("port", 22)
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+                raise ConfigError(f"{key}.port", "a TCP port")
+
+    def port_range(self) -> tuple[int, int] | None:
+        """C{tunnels.port_range} ("20000-20999") as a pair, or None."""
+        text = self.tunnel_port_range.strip()
+        if not text:
+            return None
+        low, dash, high = text.partition("-")
+        if not (dash and low.strip().isdigit() and high.strip().isdigit()):
+            raise ConfigError(self.key_of("tunnel_port_range"), "LOW-HIGH, e.g. 20000-20999")
+        pair = (int(low), int(high))
+        if not 0 < pair[0] <= pair[1] < 65536:
+            raise ConfigError(
+                self.key_of("tunnel_port_range"), "ports from 1 to 65535, LOW <= HIGH"
+            )
+        return pair
 
     def server_endpoints(self, reactor: Any) -> list[IStreamServerEndpoint]:
         """Parse C{listen}; C{ssl:} endpoints load their certificates now."""

@@ -53,12 +53,15 @@ class Console:
     @ivar parameters: guacd connection parameters (``hostname``, ``port``,
         ``password``, ...) by guacd argument name.
     @ivar zone: the zone the console lives in, C{None} for the local one.
+    @ivar cluster: the hypervisor's cluster, when the cloud knows it (tunnel
+        policy).
     """
 
     vm_id: int
     console_type: str
     parameters: Mapping[str, str] = field(repr=False)
     zone: str | None = None
+    cluster: str | None = None
 
     def __post_init__(self) -> None:
         if self.console_type not in CONSOLE_TYPES:

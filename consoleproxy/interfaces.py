@@ -42,3 +42,17 @@ class ICloud(Interface):
         @return: a Deferred firing with a L{consoleproxy.consoles.Console},
             or failing with a L{consoleproxy.errors.ApiError}.
         """
+
+
+class ITunnels(Interface):
+    """Decides how guacd reaches a console, and provides tunnels when needed."""
+
+    def route(console):  # type: ignore[no-untyped-def]
+        """
+        Find the way to a console.
+
+        @param console: the L{consoleproxy.consoles.Console} from the token.
+        @return: a Deferred firing with a L{consoleproxy.tunnels.Route} whose
+            C{parameters} guacd gets, or failing with a
+            L{consoleproxy.status.GuacamoleError} that says what to fix.
+        """

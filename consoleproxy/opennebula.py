@@ -136,11 +136,14 @@ class OpenNebulaCloud:
             else:
                 parameters = rdp_parameters(vm, secrets)
         self._loopback(parameters, vm_id)
+        records = vm.findall("HISTORY_RECORDS/HISTORY")
+        cluster = (records[-1].findtext("CID") or "").strip() if records else ""
         return Console(
             vm_id=vm_id,
             console_type=console_type,
             parameters=parameters,
             zone=zone if remote else None,
+            cluster=cluster or None,
         )
 
     @inlineCallbacks

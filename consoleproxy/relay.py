@@ -42,9 +42,12 @@ from twisted.web.server import NOT_DONE_YET, Request
 from consoleproxy.consoles import Display
 from consoleproxy.guacd import GuacdProtocol, HandshakeRequest, connect_guacd
 from consoleproxy.instructions import INTERNAL_OPCODE, InstructionError, elements, encode, split
+from consoleproxy.interfaces import ITunnels
 from consoleproxy.routing import json_body
+from consoleproxy.ssh import TunnelError
 from consoleproxy.status import GuacamoleError, Status
 from consoleproxy.tokens import Claims, TokenAuthority, TokenError
+from consoleproxy.tunnels import DirectRoutes, Route
 
 SUBPROTOCOL = "guacamole"
 _INTERNAL_PREFIX = f"{len(INTERNAL_OPCODE)}.{INTERNAL_OPCODE}"
@@ -106,6 +109,9 @@ class GuacamoleRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
         self._opened_at: float | None = None
         self._tunnel_id = ""
         self._dropping = False
+        self._pending = False
+        self._gone = False
+        self._route: Route | None = None
         self.bytes_to_browser = 0
         self.bytes_from_browser = 0
 
@@ -114,7 +120,7 @@ class GuacamoleRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
     def processHandshake(self) -> None:
         # Autobahn re-runs the handshake parser on every read while onConnect's
         # Deferred is pending; the transport is paused then, but be certain.
-        if self._connecting is None and self._refusal is None:
+        if not self._pending and self._refusal is None:
             super().processHandshake()
 
     def onConnect(self, request: ConnectionRequest) -> Any:
@@ -134,24 +140,38 @@ class GuacamoleRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
             return self._refuse(Status.CLIENT_UNAUTHORIZED, f"token refused ({e.reason})")
         except GuacamoleError as e:
             return self._refuse(e.status, str(e))
-        console = self._claims.console
+        self.transport.pauseProducing()
+        self._pending = True
+        routing = self.factory.tunnels.route(self._claims.console)
+        return routing.addCallback(self._routed, display).addCallbacks(
+            self._guacd_ready, self._setup_failed
+        )
+
+    def _routed(self, route: Route, display: Display) -> Deferred[GuacdProtocol]:
+        """The way to the console is known (maybe a tunnel): now guacd."""
+        self._route = route
+        if self._gone:
+            route.close()
+            raise CancelledError()
+        route.on_lost = self._tunnel_lost
+        claims = self._claims
+        assert claims is not None
         handshake = HandshakeRequest(
-            protocol=console.console_type,
-            parameters={**console.parameters, **display.parameters},
+            protocol=claims.console.console_type,
+            parameters={**route.parameters, **display.parameters},
             width=display.width,
             height=display.height,
             dpi=display.dpi,
             timezone=self.factory.settings.timezone,
-            name=self._claims.user,
+            name=claims.user,
         )
-        self.transport.pauseProducing()
         self._connecting = connect_guacd(
             self.factory.settings.guacd,
             handshake,
             self.factory.clock,
             self.factory.settings.handshake_timeout,
         )
-        return self._connecting.addCallbacks(self._guacd_ready, self._guacd_failed)
+        return self._connecting
 
     def _refuse(self, status: Status, message: str) -> str:
         self._refusal = (status, message)
@@ -162,8 +182,10 @@ class GuacamoleRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
         self._guacd = guacd
         return SUBPROTOCOL
 
-    def _guacd_failed(self, failure: Failure) -> str | Failure:
+    def _setup_failed(self, failure: Failure) -> str | Failure:
         self._connecting = None
+        if self._route is not None:
+            self._route.close()
         if failure.check(CancelledError):
             # The browser left while guacd was connecting: nobody to answer.
             return Failure(ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "client gone"))
@@ -262,6 +284,11 @@ class GuacamoleRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
             self._close_status = (status, message)
         self._close(status)
 
+    def _tunnel_lost(self, error: TunnelError) -> None:
+        """The SSH tunnel broke under the console: end it with the tunnel's status."""
+        self._log.warn("{why}", why=str(error))
+        self._end(error.status, str(error))
+
     def _end(self, status: Status, message: str) -> None:
         """The browser misbehaved: close both sides."""
         if self._close_status is None:
@@ -306,10 +333,13 @@ class GuacamoleRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
         guacd.closed.addBoth(gone)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._gone = True
         if self._connecting is not None:
             connecting, self._connecting = self._connecting, None
             connecting.cancel()
         self._drop_guacd()
+        if self._route is not None:
+            self._route.close()
         if self._opened_at is None:
             return
         self.factory.sessions.discard(self)
@@ -385,9 +415,11 @@ class GuacamoleRelayFactory(WebSocketServerFactory):
         settings: RelaySettings,
         clock: IReactorTime,
         max_message_size: int = 65536,
+        tunnels: ITunnels | None = None,
     ) -> None:
         super().__init__(server="consoleproxy", reactor=clock)
         self.tokens = tokens
+        self.tunnels: ITunnels = tunnels if tunnels is not None else DirectRoutes()
         self.settings = settings
         self.clock = clock
         self.sessions: set[GuacamoleRelayProtocol] = set()

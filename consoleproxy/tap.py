@@ -9,10 +9,13 @@ parts together.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import gatherResults, maybeDeferred
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -24,7 +27,9 @@ from consoleproxy.opennebula import OpenNebulaCloud, is_loopback
 from consoleproxy.opennebula_consoles import StatePolicy
 from consoleproxy.passwords import PasswordVerifier
 from consoleproxy.relay import GuacamoleRelayFactory, RelayResource, RelaySettings
+from consoleproxy.ssh import SSHPool, SSHSettings, load_private_key
 from consoleproxy.tokens import KeyFileError, KeyRing, TokenAuthority
+from consoleproxy.tunnels import TunnelRule, Tunnels, TunnelSettings
 from consoleproxy.web import ConsoleProxyWeb, build_site
 from consoleproxy.xmlrpc import XmlRpcClient
 
@@ -151,6 +156,7 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
     except KeyFileError as e:
         raise ConfigError(Config.key_of("key_file"), str(e)) from e
     cloud = build_cloud(config, reactor)
+    tunnels = build_tunnels(config, reactor)
     tokens = TokenAuthority(keyring, reactor, lifetime=config.token_lifetime)
     relay = GuacamoleRelayFactory(
         tokens,
@@ -161,6 +167,7 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
         ),
         clock=reactor,
         max_message_size=config.max_message_size,
+        tunnels=tunnels,
     )
     web = ConsoleProxyWeb(TokenApi(cloud, cloud, tokens), RelayResource(relay))
     return {
@@ -169,6 +176,7 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
         "site": build_site(web, reactor, timeout=config.http_timeout),
         "relay": relay,
         "cloud": cloud,
+        "tunnels": tunnels,
     }
 
 
@@ -221,6 +229,76 @@ def build_cloud(config: Config, reactor: Any) -> Any:
     )
 
 
+def build_tunnels(config: Config, reactor: Any) -> Tunnels:
+    """
+    The tunnel policy and SSH pool; keys are loaded (and decrypted) now.
+
+    @raise ConfigError: for an unreadable key, passphrase or agent socket.
+    """
+    passphrase = None
+    if config.tunnel_passphrase_file:
+        try:
+            passphrase = Path(config.tunnel_passphrase_file).read_bytes().strip()
+        except OSError as e:
+            raise ConfigError(Config.key_of("tunnel_passphrase_file"), e.strerror or "") from e
+    loaded = []
+    for path in config.tunnel_keys:
+        try:
+            loaded.append(load_private_key(os.path.expanduser(path), passphrase))
+        except ValueError as e:
+            raise ConfigError(Config.key_of("tunnel_keys"), str(e)) from e
+    agent_socket = None
+    if config.tunnel_agent:
+        agent_socket = os.environ.get("SSH_AUTH_SOCK")
+        if not agent_socket:
+            raise ConfigError(Config.key_of("tunnel_agent"), "SSH_AUTH_SOCK is not set")
+    uses_ssh = config.tunnel_default != "direct" or any(
+        r["mode"] != "direct" for r in config.tunnel_rules
+    )
+    if uses_ssh and not loaded and agent_socket is None:
+        raise ConfigError(Config.key_of("tunnel_keys"), "SSH tunnels need keys or agent = true")
+    pool = SSHPool(
+        reactor,
+        SSHSettings(
+            known_hosts=os.path.expanduser(config.tunnel_known_hosts),
+            keys=tuple(loaded),
+            agent_socket=agent_socket,
+            accept_new=config.tunnel_accept_new,
+            keepalive_interval=config.tunnel_keepalive_interval,
+            keepalive_count=config.tunnel_keepalive_count,
+            idle_grace=config.tunnel_idle_grace,
+        ),
+    )
+    rules = tuple(
+        TunnelRule(
+            mode=r["mode"],
+            hosts=tuple(r.get("hosts", ())),
+            clusters=frozenset(str(c) for c in r.get("clusters", ())),
+            user=r.get("user"),
+            port=r.get("port"),
+        )
+        for r in config.tunnel_rules
+    )
+    return Tunnels(
+        reactor,
+        TunnelSettings(
+            default_mode=config.tunnel_default,
+            rules=rules,
+            user=config.tunnel_user,
+            ssh_port=config.tunnel_ssh_port,
+            target=config.tunnel_target,
+            listen_address=config.tunnel_listen_address,
+            port_range=config.port_range(),
+            guacd_address=config.tunnel_guacd_address or None,
+            accept_timeout=config.tunnel_accept_timeout,
+            setup_timeout=config.handshake_timeout,
+            probe_timeout=config.tunnel_probe_timeout,
+            probe_cache=config.tunnel_probe_cache,
+        ),
+        pool,
+    )
+
+
 def endpoint_is_local(description: str) -> bool:
     """Whether a client endpoint string (``tcp:HOST:PORT``, ``tls:``, ``unix:``) is this host."""
     kind, _, rest = description.partition(":")
@@ -233,23 +311,25 @@ def endpoint_is_local(description: str) -> bool:
     return is_loopback(host.replace("\\", ""))
 
 
-class CloudService(Service):
-    """Closes the cloud's connections (oned's keep-alive pool) at shutdown."""
+class ClosingService(Service):
+    """Closes long-lived client connections at shutdown (oned's pool, SSH)."""
 
-    def __init__(self, cloud: Any) -> None:
-        self.cloud = cloud
+    def __init__(self, *closers: Any) -> None:
+        self.closers = closers
 
     def stopService(self) -> Any:
         super().stopService()
-        close = getattr(self.cloud, "close", None)
-        return close() if close is not None else None
+        return gatherResults([maybeDeferred(close) for close in self.closers])
 
 
 def makeService(options: Options) -> IService:
     """The service tree: one listening service per ``--listen`` endpoint."""
     parts = options.parts
     service = MultiService()
-    CloudService(parts["cloud"]).setServiceParent(service)
+    closers = [parts["tunnels"].pool.close]
+    if hasattr(parts["cloud"], "close"):
+        closers.append(parts["cloud"].close)
+    ClosingService(*closers).setServiceParent(service)
     for endpoint in parts["endpoints"]:
         StreamServerEndpointService(endpoint, parts["site"]).setServiceParent(service)
     config = parts["config"]

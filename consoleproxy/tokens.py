@@ -220,6 +220,7 @@ class TokenAuthority:
             "vm": console.vm_id,
             "t": console.console_type,
             "z": console.zone,
+            "c": console.cluster,
             "p": dict(console.parameters),
             "exp": round(self._clock.seconds() + self.lifetime, 3),
         }
@@ -288,6 +289,7 @@ def _parse_claims(plaintext: bytes, token_id: bytes) -> Claims:
             console_type=data["t"],
             parameters=data["p"],
             zone=data["z"],
+            cluster=data.get("c"),
         )
         user = data["u"]
         expires = float(data["exp"])
