@@ -90,7 +90,7 @@ def load_private_key(path: str, passphrase: bytes | None = None) -> keys.Key:
         return keys.Key.fromFile(path, passphrase=passphrase)
     except keys.EncryptedKeyError as e:
         raise ValueError(f"{path} is encrypted: give its passphrase") from e
-    except (keys.BadKeyError, keys.BadFingerPrint, OSError) as e:
+    except (keys.BadKeyError, OSError) as e:
         raise ValueError(f"cannot load private key {path}: {e}") from e
 
 
@@ -109,7 +109,7 @@ class _KnownHosts:
     def verify(self, host: str, port: int, key: keys.Key) -> None:
         """@raise TunnelError: unknown (and not accepted) or changed key."""
         name = known_hosts_name(host, port)
-        fingerprint = key.fingerprint(keys.FingerprintFormats.SHA256_BASE64)
+        fingerprint = "SHA256:" + key.fingerprint(keys.FingerprintFormats.SHA256_BASE64).rstrip("=")
         try:
             known = KnownHostsFile.fromPath(FilePath(self.path)).hasHostKey(name, key)
         except HostKeyChanged as e:
@@ -455,11 +455,11 @@ class SSHHost:
 
     def _fail_waiting(self, error: TunnelError) -> None:
         self.log.warn("{ssh} failed: {why}", ssh=self.description, why=str(error))
+        self.pool._forget(self)
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             if not d.called:
                 d.errback(error)
-        self.pool._forget(self)
 
     # -- keepalive -------------------------------------------------------------------
 

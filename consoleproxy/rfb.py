@@ -1,0 +1,848 @@
+"""
+Raw VNC for noVNC: a WebSocket (subprotocol ``binary``) carrying RFB bytes.
+
+The token API mints these tokens with a separate purpose (``rfb``), so a
+Guacamole token never opens a raw VNC session and the other way round.  The
+VNC password stays on the server: consoleproxy performs the VNC
+authentication itself and offers the browser security type None.
+
+Life of a session:
+
+ 1. ``onConnect``: refuse a client that does not offer ``binary``; open and
+    spend the token; connect to the VM's VNC port and complete the RFB
+    handshake as a client (protocol version, then security type None or VNC
+    authentication with the token's password, then the SecurityResult), all
+    before the WebSocket is accepted.  The browser's socket is paused
+    meanwhile.
+ 2. A refused token or a failed VNC handshake still accepts the WebSocket,
+    then closes it at once with the Guacamole relay's close rules: the
+    WebSocket code of the Guacamole status, and the decimal status as the
+    reason, so that the console page can say what went wrong in words (a
+    refused HTTP upgrade would only show as "cannot connect").
+ 3. ``onOpen``: consoleproxy plays the RFB server for the browser: version
+    3.8 (3.3 and 3.7 browsers are served too), security type None, a
+    successful SecurityResult.  From the browser's ClientInit on, bytes are
+    relayed opaquely both ways: each VNC read becomes one binary message (cut
+    at the message size limit), each browser message goes to the VNC server
+    as it is.
+ 4. Backpressure both ways: each side's transport is the other's streaming
+    producer, so memory per session stays bounded.
+ 5. Whichever side closes first, the other follows at once.
+
+The VNC server is reached through L{RfbSettings.upstream}, a function of the
+console's parameters that returns a client endpoint: direct TCP by default,
+an SSH tunnel when one is configured.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives.ciphers import Cipher, modes
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+
+from consoleproxy.relay import CancelTimersOnLoss, ClockTimer, RelayResource
+from consoleproxy.routing import json_body
+from consoleproxy.status import GuacamoleError, Status
+from consoleproxy.tokens import Claims, TokenAuthority, TokenError
+
+SUBPROTOCOL = "binary"
+#: The token purpose of raw VNC tokens (a key of their own, derived from the key file).
+PURPOSE = "rfb"
+
+SECURITY_INVALID = 0
+SECURITY_NONE = 1
+SECURITY_VNC_AUTH = 2
+
+_VERSION = re.compile(rb"RFB ([0-9]{3})\.([0-9]{3})\n")
+_VERSION_BYTES = 12
+_CHALLENGE_BYTES = 16
+#: Longest failure reason read from a VNC server; longer ones end the handshake.
+MAX_REASON_BYTES = 4096
+_MAX_HANDSHAKE_BYTES = MAX_REASON_BYTES + 1024
+_SECURITY_NAMES = {
+    0: "invalid",
+    1: "None",
+    2: "VNC authentication",
+    5: "RA2",
+    6: "RA2ne",
+    16: "Tight",
+    18: "TLS",
+    19: "VeNCrypt",
+    22: "XVP",
+    30: "Apple Remote Desktop",
+    113: "MSLogonII",
+    129: "Unix Logon",
+}
+
+# Autobahn's own failures (protocol violations, size limits) carry text
+# reasons; the browser reads the Guacamole status there.
+_STATUS_OF_CLOSE_CODE = {
+    1002: Status.CLIENT_BAD_REQUEST,
+    1003: Status.CLIENT_BAD_TYPE,
+    1007: Status.CLIENT_BAD_REQUEST,
+    1008: Status.CLIENT_FORBIDDEN,
+    1009: Status.CLIENT_OVERRUN,
+    1011: Status.SERVER_ERROR,
+}
+
+
+def vnc_auth_response(password: str | bytes, challenge: bytes) -> bytes:
+    """
+    The answer to a VNC authentication challenge (RFB security type 2).
+
+    The key is the password's first 8 bytes (UTF-8, zero-padded) with the bits
+    of each byte mirrored, as every VNC implementation does; the answer is the
+    16-byte challenge encrypted with single DES in ECB mode.  Single DES is
+    TripleDES with the key repeated three times (encrypt, decrypt, encrypt with
+    one key is one encryption).
+    """
+    if len(challenge) != _CHALLENGE_BYTES:
+        raise ValueError("a VNC challenge is 16 bytes")
+    raw = password.encode("utf-8") if isinstance(password, str) else password
+    key = raw[:8].ljust(8, b"\0")
+    key = bytes(int(f"{byte:08b}"[::-1], 2) for byte in key)
+    # DES-ECB is what RFB's VNC authentication is; nothing else is encrypted with it.
+    encryptor = Cipher(TripleDES(key * 3), modes.ECB()).encryptor()  # noqa: S305
+    return encryptor.update(challenge) + encryptor.finalize()
+
+
+def _security_name(number: int) -> str:
+    return f"{number} ({_SECURITY_NAMES.get(number, 'unknown')})"
+
+
+def _version_of(line: bytes) -> tuple[int, int] | None:
+    match = _VERSION.fullmatch(line)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2))
+
+
+def _negotiated(major: int, minor: int) -> tuple[int, int] | None:
+    """
+    The version to speak with a peer that announced C{major.minor}.
+
+    RFC 6143: 3.3, 3.7 and 3.8 exist; 3.4-3.6 mean 3.3; a newer version
+    (Apple's 3.889, RealVNC's 4.x) is answered with 3.8.
+    """
+    if major < 3 or (major == 3 and minor < 3):
+        return None
+    if major == 3 and minor < 7:
+        return (3, 3)
+    if major == 3 and minor == 7:
+        return (3, 7)
+    return (3, 8)
+
+
+def _version_line(version: tuple[int, int]) -> bytes:
+    return b"RFB %03d.%03d\n" % version
+
+
+class VncUpstream(Protocol):
+    """
+    The VM's VNC server, seen from consoleproxy: the RFB handshake as a client
+    (up to and including the SecurityResult), then opaque bytes.
+
+    @ivar ready: fires with this protocol once authenticated (reading
+        paused), or fails with a L{GuacamoleError}.
+    @ivar closed: fires (with None) once the connection is gone.
+    @ivar lost_reason: why it went, once it has.
+    @ivar version: the negotiated RFB version.
+    @ivar security_type: the security type used.
+    """
+
+    def __init__(self, password: str | None) -> None:
+        self._password = password
+        self.ready: Deferred[VncUpstream] = Deferred()
+        self.closed: Deferred[None] = Deferred()
+        self.lost_reason: Failure | None = None
+        self.version: tuple[int, int] | None = None
+        self.security_type: int | None = None
+        self._state = "version"
+        self._buffer = bytearray()
+        self._deliver: Callable[[bytes], None] | None = None
+        self._lost: Callable[[Failure], None] | None = None
+
+    # -- handshake -----------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        """Handshake bytes until authenticated, then the relay's."""
+        if self._deliver is not None:
+            self._deliver(data)
+            return
+        if self._state == "failed":
+            return
+        self._buffer += data
+        if self._state == "done":
+            return  # the server spoke before ClientInit: kept for the browser (reading paused)
+        try:
+            while self._state != "done" and self._step():
+                pass
+            if self._state != "done" and len(self._buffer) > _MAX_HANDSHAKE_BYTES:
+                raise GuacamoleError(Status.UPSTREAM_ERROR, "the VNC server sent too much")
+        except GuacamoleError as e:
+            self._fail(e)
+
+    def _take(self, count: int) -> bytes | None:
+        if len(self._buffer) < count:
+            return None
+        taken = bytes(self._buffer[:count])
+        del self._buffer[:count]
+        return taken
+
+    def _peek_reason(self) -> str | None:
+        """A length-prefixed reason string, or None until it has arrived."""
+        if len(self._buffer) < 4:
+            return None
+        (length,) = struct.unpack("!I", self._buffer[:4])
+        if length > MAX_REASON_BYTES:
+            return "(a reason longer than consoleproxy reads)"
+        if len(self._buffer) < 4 + length:
+            return None
+        text = bytes(self._buffer[4 : 4 + length]).decode("utf-8", "replace")
+        del self._buffer[: 4 + length]
+        return "".join(c if c.isprintable() else "?" for c in text)[:200]
+
+    def _step(self) -> bool:
+        """Advance the handshake by one step; False when more bytes are needed."""
+        if self._state in ("refused", "auth-failed"):
+            return self._read_reason()
+        step = {
+            "version": self._read_version,
+            "type": self._read_type,
+            "types": self._read_types,
+            "challenge": self._read_challenge,
+            "result": self._read_result,
+        }[self._state]
+        return step()
+
+    def _read_version(self) -> bool:
+        line = self._take(_VERSION_BYTES)
+        if line is None:
+            return False
+        announced = _version_of(line)
+        if announced is None:
+            raise GuacamoleError(Status.UPSTREAM_ERROR, "the VNC server does not speak RFB")
+        version = _negotiated(*announced)
+        if version is None:
+            raise GuacamoleError(
+                Status.UPSTREAM_ERROR, f"unsupported RFB version {announced[0]}.{announced[1]}"
+            )
+        self.version = version
+        self._write(_version_line(version))
+        self._state = "types" if version >= (3, 7) else "type"
+        return True
+
+    def _read_type(self) -> bool:
+        """RFB 3.3: the server decides the security type."""
+        raw = self._take(4)
+        if raw is None:
+            return False
+        (chosen,) = struct.unpack("!I", raw)
+        if chosen == SECURITY_INVALID:
+            self._state = "refused"
+        else:
+            self._use(chosen)
+        return True
+
+    def _read_types(self) -> bool:
+        """RFB 3.7 and 3.8: the server offers, consoleproxy chooses."""
+        if not self._buffer:
+            return False
+        count = self._buffer[0]
+        if count == 0:
+            del self._buffer[:1]
+            self._state = "refused"
+            return True
+        raw = self._take(1 + count)
+        if raw is None:
+            return False
+        offered = list(raw[1:])
+        if SECURITY_NONE in offered:
+            chosen = SECURITY_NONE
+        elif SECURITY_VNC_AUTH in offered:
+            chosen = SECURITY_VNC_AUTH
+        else:
+            names = ", ".join(_security_name(n) for n in offered)
+            raise GuacamoleError(
+                Status.UPSTREAM_ERROR,
+                f"the VNC server offers no security type consoleproxy supports ({names})",
+            )
+        self._write(bytes([chosen]))
+        self._use(chosen)
+        return True
+
+    def _read_challenge(self) -> bool:
+        challenge = self._take(_CHALLENGE_BYTES)
+        if challenge is None:
+            return False
+        assert self._password is not None
+        self._write(vnc_auth_response(self._password, challenge))
+        self._state = "result"
+        return True
+
+    def _read_result(self) -> bool:
+        raw = self._take(4)
+        if raw is None:
+            return False
+        (result,) = struct.unpack("!I", raw)
+        if result == 0:
+            self._authenticated()
+        elif self.version == (3, 8):
+            self._state = "auth-failed"
+        else:
+            raise GuacamoleError(Status.UPSTREAM_ERROR, "the VNC server refused the authentication")
+        return True
+
+    def _read_reason(self) -> bool:
+        reason = self._peek_reason()
+        if reason is None:
+            return False
+        if self._state == "refused":
+            what = "refused the connection"
+        else:
+            what = "refused the authentication"
+        raise GuacamoleError(Status.UPSTREAM_ERROR, f"the VNC server {what}: {reason}")
+
+    def _use(self, chosen: int) -> None:
+        self.security_type = chosen
+        if chosen == SECURITY_NONE:
+            # 3.8 sends a SecurityResult for None too; 3.3 and 3.7 do not.
+            if self.version == (3, 8):
+                self._state = "result"
+            else:
+                self._authenticated()
+        elif chosen == SECURITY_VNC_AUTH:
+            if not self._password:
+                raise GuacamoleError(
+                    Status.UPSTREAM_ERROR,
+                    "the VNC server asks for a password and the console has none",
+                )
+            self._state = "challenge"
+        else:
+            raise GuacamoleError(
+                Status.UPSTREAM_ERROR,
+                f"the VNC server demands security type {_security_name(chosen)}, "
+                "which consoleproxy does not support",
+            )
+
+    def _authenticated(self) -> None:
+        self._state = "done"
+        if self.transport is not None:
+            self.transport.pauseProducing()
+        if not self.ready.called:
+            self.ready.callback(self)
+
+    def _fail(self, error: GuacamoleError) -> None:
+        self._state = "failed"
+        if self.transport is not None:
+            self.transport.abortConnection()
+        if not self.ready.called:
+            self.ready.errback(Failure(error))
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    # -- relaying ------------------------------------------------------------------
+
+    def attach(self, deliver: Callable[[bytes], None], lost: Callable[[Failure], None]) -> None:
+        """Hand every byte from now on (and any kept) to C{deliver}; resume reading."""
+        self._deliver, self._lost = deliver, lost
+        kept, self._buffer = bytes(self._buffer), bytearray()
+        if kept:
+            deliver(kept)
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """Fail the handshake, or tell the relay."""
+        self.lost_reason = reason
+        if not self.ready.called:
+            state = self._state
+            self._state = "failed"
+            self.ready.errback(
+                Failure(
+                    GuacamoleError(
+                        Status.UPSTREAM_ERROR,
+                        f"the VNC server closed the connection during the handshake ({state})",
+                    )
+                )
+            )
+        lost, self._lost = self._lost, None
+        if lost is not None:
+            lost(reason)
+        if not self.closed.called:
+            self.closed.callback(None)
+
+
+class _SingleFactory(Factory):
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        return self._protocol
+
+
+def connect_vnc(
+    endpoint: IStreamClientEndpoint,
+    password: str | None,
+    clock: IReactorTime,
+    timeout: float = 15.0,
+) -> Deferred[VncUpstream]:
+    """
+    Connect to a VNC server and authenticate within C{timeout} seconds.
+
+    Fires with the protocol, reading paused, once the SecurityResult said OK.
+    Fails with a L{GuacamoleError}: L{Status.UPSTREAM_NOT_FOUND} when the
+    server cannot be reached, L{Status.UPSTREAM_TIMEOUT} on timeout,
+    L{Status.UPSTREAM_ERROR} for a refusal or a protocol error.  Cancelling
+    the result closes whatever was opened.
+    """
+    protocol = VncUpstream(password)
+    timer: list[IDelayedCall] = []
+
+    def cancel(_: Deferred[VncUpstream]) -> None:
+        connecting.cancel()
+        if protocol.transport is not None:
+            protocol.transport.abortConnection()
+
+    result: Deferred[VncUpstream] = Deferred(cancel)
+
+    def finish(outcome: VncUpstream | Failure) -> None:
+        if timer and timer[0].active():
+            timer[0].cancel()
+        if result.called:
+            return
+        if isinstance(outcome, Failure):
+            result.errback(outcome)
+        else:
+            result.callback(outcome)
+
+    def unreachable(failure: Failure) -> Failure:
+        if failure.check(GuacamoleError, CancelledError):
+            return failure
+        return Failure(
+            GuacamoleError(
+                Status.UPSTREAM_NOT_FOUND,
+                f"cannot connect to the VNC server: {failure.getErrorMessage()}",
+            )
+        )
+
+    def timed_out() -> None:
+        finish(
+            Failure(
+                GuacamoleError(
+                    Status.UPSTREAM_TIMEOUT,
+                    f"the VNC server did not complete the handshake within {timeout:g} s",
+                )
+            )
+        )
+        connecting.cancel()
+        if protocol.transport is not None:
+            protocol.transport.abortConnection()
+
+    connecting = endpoint.connect(_SingleFactory(protocol))
+    connecting.addCallback(lambda _: protocol.ready)
+    connecting.addErrback(unreachable)
+    connecting.addBoth(finish)
+    if not result.called:
+        timer.append(clock.callLater(timeout, timed_out))
+    return result
+
+
+def direct_tcp(reactor: Any, connect_timeout: float = 10.0) -> Callable[..., IStreamClientEndpoint]:
+    """
+    The default way to the VNC server: TCP to the console's C{hostname}:C{port}.
+
+    @return: a function of the console's parameters giving a client endpoint.
+    """
+
+    def upstream(parameters: Mapping[str, str]) -> IStreamClientEndpoint:
+        host = parameters.get("hostname", "")
+        try:
+            port = int(parameters.get("port", "5900"))
+        except ValueError:
+            port = -1
+        if not host or not 0 < port < 65536:
+            raise GuacamoleError(Status.SERVER_ERROR, "the console has no usable hostname/port")
+        return HostnameEndpoint(reactor, host, port, timeout=connect_timeout)
+
+    return upstream
+
+
+@dataclass(frozen=True)
+class RfbSettings:
+    """
+    How the raw VNC relay reaches VNC servers and how long it waits.
+
+    @ivar upstream: console parameters -> client endpoint of the VNC server
+        (L{direct_tcp}, or an SSH tunnel's).
+    @ivar handshake_timeout: seconds for the VNC server's handshake, and
+        again for the browser's.
+    @ivar linger: seconds the VNC server gets to read what is left once the
+        browser has gone.
+    """
+
+    upstream: Callable[[Mapping[str, str]], IStreamClientEndpoint]
+    handshake_timeout: float = 15.0
+    linger: float = 5.0
+
+
+class RfbRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
+    """One raw VNC session: a browser's WebSocket and its VNC server."""
+
+    factory: RfbRelayFactory
+    _log = Logger()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._claims: Claims | None = None
+        self._upstream: VncUpstream | None = None
+        self._connecting: Deferred[VncUpstream] | None = None
+        self._refusal: tuple[Status, str] | None = None
+        self._close_status: tuple[Status, str] | None = None
+        self._peer = "?"
+        self._opened_at: float | None = None
+        self._phase = "connecting"  # version, security, relaying, closing
+        self._browser_version: tuple[int, int] | None = None
+        self._inbox = bytearray()
+        self._greeting_timer: IDelayedCall | None = None
+        self._linger: IDelayedCall | None = None
+        self.bytes_to_browser = 0
+        self.bytes_from_browser = 0
+
+    # -- opening -------------------------------------------------------------------
+
+    def processHandshake(self) -> None:
+        # Autobahn re-runs the handshake parser on every read while onConnect's
+        # Deferred is pending; the transport is paused then, but be certain.
+        if self._connecting is None and self._refusal is None:
+            super().processHandshake()
+
+    def onConnect(self, request: ConnectionRequest) -> Any:
+        self._peer = request.peer
+        if SUBPROTOCOL not in request.protocols:
+            raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "subprotocol 'binary' required")
+        try:
+            values = request.params.get("token") or []
+            if len(values) != 1:
+                raise TokenError("malformed")
+            self._claims = self.factory.tokens.open(values[0])
+            console = self._claims.console
+            if console.console_type != "vnc":
+                raise GuacamoleError(Status.CLIENT_FORBIDDEN, "raw VNC tokens are for VNC only")
+            if console.zone is not None:
+                raise GuacamoleError(
+                    Status.CLIENT_FORBIDDEN, f"token is for zone {console.zone}, not this one"
+                )
+            endpoint = self.factory.settings.upstream(console.parameters)
+        except TokenError as e:
+            refusals = self.factory.token_refusals
+            refusals[e.reason] = refusals.get(e.reason, 0) + 1
+            return self._refuse(Status.CLIENT_UNAUTHORIZED, f"token refused ({e.reason})")
+        except GuacamoleError as e:
+            return self._refuse(e.status, str(e))
+        self.transport.pauseProducing()
+        self._connecting = connect_vnc(
+            endpoint,
+            console.parameters.get("password") or None,
+            self.factory.clock,
+            self.factory.settings.handshake_timeout,
+        )
+        return self._connecting.addCallbacks(self._upstream_ready, self._upstream_failed)
+
+    def _refuse(self, status: Status, message: str) -> str:
+        self._refusal = (status, message)
+        return SUBPROTOCOL
+
+    def _upstream_ready(self, upstream: VncUpstream) -> str:
+        self._connecting = None
+        self._upstream = upstream
+        return SUBPROTOCOL
+
+    def _upstream_failed(self, failure: Failure) -> str | Failure:
+        self._connecting = None
+        if failure.check(CancelledError):
+            return Failure(ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "client gone"))
+        if failure.check(GuacamoleError):
+            return self._refuse(failure.value.status, str(failure.value))
+        self._log.failure("Unexpected error while connecting to a VNC server", failure)
+        return self._refuse(Status.SERVER_ERROR, "internal error")
+
+    def onOpen(self) -> None:
+        self.transport.resumeProducing()
+        if self._refusal is not None:
+            status, message = self._refusal
+            self._log.info(
+                "Raw VNC console refused: peer={peer} status={status} ({why})",
+                peer=self._peer,
+                status=int(status),
+                why=message,
+            )
+            self._close_status = self._refusal
+            self._close(status)
+            return
+        upstream, claims = self._upstream, self._claims
+        assert upstream is not None and claims is not None
+        self._opened_at = self.factory.clock.seconds()
+        self.factory.sessions.add(self)
+        self._log.info(
+            "Raw VNC console opened: user={user} vm={vm} rfb={major}.{minor} "
+            "security={security} peer={peer}",
+            user=claims.user,
+            vm=claims.console.vm_id,
+            major=upstream.version[0] if upstream.version else 0,
+            minor=upstream.version[1] if upstream.version else 0,
+            security=_security_name(upstream.security_type or 0),
+            peer=self._peer,
+        )
+        # Watch the VNC server while the browser does its part of the handshake.
+        upstream.closed.addCallback(self._upstream_gone_early)
+        self._phase = "version"
+        self._greeting_timer = self.factory.clock.callLater(
+            self.factory.settings.handshake_timeout, self._greeting_timed_out
+        )
+        self._send(_version_line((3, 8)))
+
+    # -- the browser's RFB handshake (consoleproxy plays the server) ----------------
+
+    def _greet(self) -> None:
+        """Advance the browser's handshake with what is in the inbox."""
+        if self._phase == "version":
+            if len(self._inbox) < _VERSION_BYTES:
+                return
+            announced = _version_of(bytes(self._inbox[:_VERSION_BYTES]))
+            del self._inbox[:_VERSION_BYTES]
+            version = None if announced is None else _negotiated(*announced)
+            if version is None:
+                self._end(Status.CLIENT_BAD_REQUEST, "browser sent no RFB 3.x version")
+                return
+            self._browser_version = version
+            if version == (3, 3):
+                self._send(struct.pack("!I", SECURITY_NONE))
+                self._start_relaying()
+                return
+            self._send(bytes([1, SECURITY_NONE]))
+            self._phase = "security"
+        if self._phase == "security":
+            if not self._inbox:
+                return
+            chosen = self._inbox[0]
+            del self._inbox[:1]
+            if chosen != SECURITY_NONE:
+                self._end(Status.CLIENT_BAD_REQUEST, f"browser chose security type {chosen}")
+                return
+            if self._browser_version == (3, 8):
+                self._send(struct.pack("!I", 0))
+            self._start_relaying()
+
+    def _greeting_timed_out(self) -> None:
+        self._greeting_timer = None
+        if self._phase in ("version", "security"):
+            self._end(Status.CLIENT_TIMEOUT, "browser did not complete the RFB handshake")
+
+    def _start_relaying(self) -> None:
+        upstream = self._upstream
+        assert upstream is not None
+        self._phase = "relaying"
+        if self._greeting_timer is not None and self._greeting_timer.active():
+            self._greeting_timer.cancel()
+        self._greeting_timer = None
+        if upstream.transport is None or upstream.closed.called:
+            return  # already gone: _upstream_gone_early closes the browser
+        leftover, self._inbox = bytes(self._inbox), bytearray()
+        if leftover:
+            upstream.transport.write(leftover)
+        upstream.attach(self._send, self._upstream_lost)
+        # Each side's transport pauses the other: bounded memory per session.
+        self.transport.registerProducer(upstream.transport, True)
+        upstream.transport.registerProducer(self.transport, True)
+
+    # -- relaying ------------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        """Send bytes to the browser as binary messages within the size limit."""
+        if self.state != self.STATE_OPEN or self._close_status is not None:
+            return
+        self.bytes_to_browser += len(data)
+        limit = self.factory.max_message_size
+        for start in range(0, len(data), limit):
+            self.sendMessage(data[start : start + limit], isBinary=True)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._upstream is None or self._close_status is not None:
+            return
+        self.bytes_from_browser += len(payload)
+        if not isBinary:
+            self._end(Status.CLIENT_BAD_TYPE, "browser sent a text message")
+            return
+        if self._phase == "relaying":
+            transport = self._upstream.transport
+            if transport is not None:
+                transport.write(payload)
+            return
+        self._inbox += payload
+        if len(self._inbox) > 64:
+            self._end(Status.CLIENT_BAD_REQUEST, "browser sent too much during the handshake")
+            return
+        self._greet()
+
+    # -- closing -------------------------------------------------------------------
+
+    def _upstream_gone_early(self, _: None) -> None:
+        upstream = self._upstream
+        if self._phase != "relaying" and upstream is not None:
+            self._upstream_lost(upstream.lost_reason or Failure(ConnectionDone()))
+
+    def _upstream_lost(self, reason: Failure) -> None:
+        """The VNC server's side is gone: close the browser's."""
+        if reason.check(ConnectionDone):
+            status, message = Status.SUCCESS, "VNC server closed the connection"
+        else:
+            status, message = Status.UPSTREAM_ERROR, f"VNC connection lost: {reason.value}"
+        if self._close_status is None:
+            self._close_status = (status, message)
+        self._close(status)
+
+    def _end(self, status: Status, message: str) -> None:
+        """The browser misbehaved or was too slow: close both sides."""
+        if self._close_status is None:
+            self._close_status = (status, message)
+        self._close(status)
+        self._drop_upstream()
+
+    def _close(self, status: Status) -> None:
+        if self.transport is not None:
+            self.transport.unregisterProducer()
+        if self.state == self.STATE_OPEN:
+            # sendClose only allows 1000 and 3000-4999; the Guacamole rules need 1002-1011.
+            self.sendCloseFrame(
+                code=status.websocket_code, reasonUtf8=str(int(status)).encode(), isReply=False
+            )
+
+    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+        status = _STATUS_OF_CLOSE_CODE.get(code, Status.SUCCESS)
+        if self._close_status is None:
+            self._close_status = (status, reason)
+        super()._fail_connection(code, str(int(status)))
+
+    def _drop_upstream(self) -> None:
+        upstream = self._upstream
+        if upstream is None or upstream.transport is None or upstream.closed.called:
+            return
+        if self._linger is not None:
+            return
+        transport = upstream.transport
+        transport.unregisterProducer()
+        transport.loseConnection()
+        # A VNC server that stops reading would keep the socket forever.
+        linger = self.factory.clock.callLater(
+            self.factory.settings.linger, transport.abortConnection
+        )
+        self._linger = linger
+        self.factory.lingering.add(linger)
+
+        def gone(_: object) -> None:
+            if linger.active():
+                linger.cancel()
+            self.factory.lingering.discard(linger)
+
+        upstream.closed.addBoth(gone)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._connecting is not None:
+            connecting, self._connecting = self._connecting, None
+            connecting.cancel()
+        if self._greeting_timer is not None and self._greeting_timer.active():
+            self._greeting_timer.cancel()
+        self._greeting_timer = None
+        self._phase = "closing"
+        self._drop_upstream()
+        if self._opened_at is None:
+            return
+        self.factory.sessions.discard(self)
+        status, message = self._close_status or (
+            Status.SUCCESS if wasClean else Status.CLIENT_TIMEOUT,
+            f"browser closed (code {code})" if wasClean else "browser connection lost",
+        )
+        claims = self._claims
+        assert claims is not None
+        self._log.info(
+            "Raw VNC console closed: user={user} vm={vm} peer={peer} to_browser={down} "
+            "from_browser={up} duration={duration:.1f}s status={status} ({why})",
+            user=claims.user,
+            vm=claims.console.vm_id,
+            peer=self._peer,
+            down=self.bytes_to_browser,
+            up=self.bytes_from_browser,
+            duration=self.factory.clock.seconds() - self._opened_at,
+            status=int(status),
+            why=message,
+        )
+
+
+class RfbRelayFactory(WebSocketServerFactory):
+    """
+    Builds raw VNC sessions; holds what they share.
+
+    @ivar sessions: the open sessions.
+    @ivar token_refusals: refusals counted by reason.
+    """
+
+    protocol = RfbRelayProtocol
+
+    def __init__(
+        self,
+        tokens: TokenAuthority,
+        settings: RfbSettings,
+        clock: IReactorTime,
+        max_message_size: int = 65536,
+    ) -> None:
+        super().__init__(server="consoleproxy", reactor=clock)
+        self.tokens = tokens
+        self.settings = settings
+        self.clock = clock
+        self.sessions: set[RfbRelayProtocol] = set()
+        self.lingering: set[IDelayedCall] = set()
+        self.token_refusals: dict[str, int] = {}
+        self._batched_timer = ClockTimer(clock)
+        self.max_message_size = max_message_size
+        self.setProtocolOptions(
+            webStatus=False,
+            maxFramePayloadSize=max_message_size,
+            maxMessagePayloadSize=max_message_size,
+            # The VNC handshake may take its full timeout before we answer.
+            openHandshakeTimeout=settings.handshake_timeout + 5,
+            closeHandshakeTimeout=2,
+            failByDrop=False,
+        )
+
+
+class RfbRelayResource(RelayResource):
+    """The raw VNC relay in twisted.web (see L{RelayResource}); plain GETs get JSON 426."""
+
+    def render(self, request: Request) -> Any:
+        upgrade = (request.getHeader(b"upgrade") or b"").lower()
+        if upgrade != b"websocket":
+            request.setHeader(b"Upgrade", b"websocket")
+            return json_body(
+                request, 426, "Upgrade Required", "a WebSocket endpoint (subprotocol binary)"
+            )
+        return super().render(request)
