@@ -162,6 +162,7 @@ class DirectTcpipChannel(channel.SSHChannel):
         self.closed_by_peer: Deferred[None] = Deferred()
         self.paused = True  # until attached
         self.withheld = 0
+        self.bytes_received = 0
         self._held: list[bytes] = []
         self._sink: Callable[[bytes], None] | None = None
         self._on_close: Callable[[], None] | None = None
@@ -197,6 +198,7 @@ class DirectTcpipChannel(channel.SSHChannel):
     # -- data from the hypervisor ----------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        self.bytes_received += len(data)
         if self._sink is None:
             self._held.append(data)
         else:
@@ -401,6 +403,8 @@ class SSHHost:
         self._unanswered = 0
         self._idle_timer: Any = None
         self._closing = False
+        self._gone = False
+        self._lost_waiters: list[Deferred[None]] = []
 
     # -- connecting ------------------------------------------------------------------
 
@@ -518,20 +522,24 @@ class SSHHost:
 
     # -- ending ----------------------------------------------------------------------
 
-    def close(self) -> Deferred[None]:
-        """Close the connection (and so its channels)."""
+    def close(self, abort: bool = False) -> Deferred[None]:
+        """Close the connection (and so its channels); fires once it is gone."""
         self._closing = True
         self._cancel_idle()
         transport = self._transport
-        if transport is None or transport.transport is None:
+        if transport is None or transport.transport is None or self._gone:
             self.pool._forget(self)
             return succeed(None)
         done: Deferred[None] = Deferred()
-        self._on_lost = done
-        transport.transport.loseConnection()
+        self._lost_waiters.append(done)
+        if abort:
+            transport.transport.abortConnection()
+        else:
+            transport.transport.loseConnection()
         return done
 
     def _lost(self, failure: TunnelError | None, reason: Failure) -> None:
+        self._gone = True
         if self._keepalive is not None and self._keepalive.running:
             self._keepalive.stop()
         self._cancel_idle()
@@ -555,9 +563,9 @@ class SSHHost:
                 ssh=self.description,
                 why="idle" if self._closing else reason.getErrorMessage(),
             )
-        on_lost = getattr(self, "_on_lost", None)
-        if on_lost is not None and not on_lost.called:
-            on_lost.callback(None)
+        waiters, self._lost_waiters = self._lost_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
 
 class _SingleUse(Factory):
@@ -581,6 +589,7 @@ class SSHPool:
         self.settings = settings
         self.known_hosts = _KnownHosts(settings.known_hosts, settings.accept_new)
         self._hosts: dict[tuple[str, int, str], SSHHost] = {}
+        self._closing: set[SSHHost] = set()
 
     def host(self, host: str, port: int, user: str) -> SSHHost:
         """The shared connection for (host, port, user), created on first use."""
@@ -594,6 +603,11 @@ class SSHPool:
         key = (host.host, host.port, host.user)
         if self._hosts.get(key) is host:
             del self._hosts[key]
+        transport = host._transport
+        if host._gone or transport is None or transport.transport is None:
+            self._closing.discard(host)
+        else:
+            self._closing.add(host)  # still connected while it closes
 
     @property
     def connections(self) -> int:
@@ -601,5 +615,6 @@ class SSHPool:
         return len(self._hosts)
 
     def close(self) -> Deferred[Any]:
-        """Close every connection."""
-        return gatherResults([h.close() for h in list(self._hosts.values())])
+        """Close every connection at once (shutdown)."""
+        hosts = set(self._hosts.values()) | self._closing
+        return gatherResults([h.close(abort=True) for h in hosts])

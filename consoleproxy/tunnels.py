@@ -79,7 +79,7 @@ class TunnelSettings:
     types: frozenset[str] = field(default_factory=lambda: frozenset({"vnc"}))
 
 
-@dataclass
+@dataclass(eq=False)
 class Route:
     """
     The way to one console: the parameters guacd gets, and how to end it.
@@ -323,7 +323,7 @@ class _OneShotListener(ServerFactory):
             listening.stopListening()
 
     def close(self) -> None:
-        """Stop listening and drop the accepted connection, if any."""
+        """Stop listening and drop the accepted connection, if any (the console is over)."""
         self._stop_listening()
         if self._accepted is not None and self._accepted.transport is not None:
-            self._accepted.transport.loseConnection()
+            self._accepted.transport.abortConnection()

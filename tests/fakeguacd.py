@@ -384,6 +384,10 @@ class Behaviour:
     flood: bool = False  # after ready, write blobs as fast as the transport takes them
     flood_limit: int | None = None  # stop after this many blobs
     flood_sync_every: int = 32  # a sync after every this many blobs
+    # after ready, connect to connect's hostname:port as guacd would, read the RFB
+    # banner, and report it with ``name`` (guacd names the desktop there); an
+    # unreachable target gets guacd's ``error,Aborted. See logs.,519``
+    upstream: bool = False
 
 
 @implementer(interfaces.IPushProducer)
@@ -518,6 +522,8 @@ class FakeGuacdConnection(protocol.Protocol):
         self._arity_ok = False
         self._lost = False
         self.flood: Flood | None = None
+        self.upstream: protocol.Protocol | None = None  # the console connection (upstream)
+        self.upstream_banner: str | None = None
         self._session: _Session | None = None
         self._parser = Parser()
         self._pending: deque[list[str] | str] = deque()  # instructions, or a parse error text
@@ -570,6 +576,8 @@ class FakeGuacdConnection(protocol.Protocol):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         """Forget timers and the user; fire ``closed``."""
         self.state, self._lost = "closed", True
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.loseConnection()
         self._stop_timers()
         self._pending.clear()
         session, self._session = self._session, None
@@ -801,9 +809,37 @@ class FakeGuacdConnection(protocol.Protocol):
         elif self.behaviour.flood:
             self.flood = Flood(self, self.behaviour)
             self.flood.start()
+        elif self.behaviour.upstream:
+            self._connect_upstream()
         self._handshake.fire(True, self.connection_id)
         self.fake._settled(self)
         self._pump()
+
+    def _connect_upstream(self) -> None:
+        """Reach the console target like guacd does; see ``Behaviour.upstream``."""
+        assert self.connect is not None
+        conn = self
+        endpoint = endpoints.TCP4ClientEndpoint(
+            self.fake.reactor, self.connect["hostname"], int(self.connect["port"]), timeout=5
+        )
+
+        class Upstream(protocol.Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                if conn.upstream_banner is None:
+                    conn.upstream_banner = data[:12].decode("latin-1")
+                    if not conn._lost:
+                        conn.send("name", conn.upstream_banner.strip())
+
+        def connected(upstream: protocol.Protocol) -> None:
+            conn.upstream = upstream
+            if conn._lost:
+                upstream.transport.loseConnection()
+
+        def failed(reason: Failure) -> None:
+            if not conn._lost:
+                conn.send_error(ABORT_MESSAGE, 519)
+
+        endpoint.connect(protocol.Factory.forProtocol(Upstream)).addCallbacks(connected, failed)
 
     def _on_running(self, instruction: list[str]) -> None:
         self.received.append(instruction)
