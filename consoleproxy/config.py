@@ -12,6 +12,8 @@ The keys, by section (see ``consoleproxy/examples/consoleproxy.toml``)::
     [guacd]     endpoint, handshake_timeout, timezone
     [tokens]    key_file, lifetime
     [relay]     max_message_size
+    [rfb]       enabled (the raw VNC relay for noVNC), handshake_timeout
+    [console]   node_modules (where npm installed the page's libraries)
     [cloud]     backend ("inventory" or "opennebula")
     [inventory] path
     [tunnels]   default, user, ssh_port, keys, passphrase_file, agent,
@@ -32,8 +34,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
+from zope.interface import implementer
 
 from consoleproxy.guacd import default_timezone
 from consoleproxy.opennebula_consoles import RUNNING_ONLY, VNC_LCM_STATES
@@ -71,6 +76,9 @@ class Config:
     key_file: str = field(default="consoleproxy.keys", metadata=_key("tokens.key_file"))
     token_lifetime: float = field(default=60.0, metadata=_key("tokens.lifetime"))
     max_message_size: int = field(default=65536, metadata=_key("relay.max_message_size"))
+    rfb_enabled: bool = field(default=True, metadata=_key("rfb.enabled"))
+    rfb_handshake_timeout: float = field(default=15.0, metadata=_key("rfb.handshake_timeout"))
+    node_modules: str = field(default="", metadata=_key("console.node_modules"))
     inventory: str = field(
         default_factory=lambda: example_path("inventory.toml"), metadata=_key("inventory.path")
     )
@@ -163,6 +171,11 @@ class Config:
             raise ConfigError(self.key_of("listen"), "a non-empty list of endpoint strings")
         _number(self, "http_timeout", 1, 86400)
         _number(self, "handshake_timeout", 1, 300)
+        _number(self, "rfb_handshake_timeout", 1, 300)
+        if not isinstance(self.rfb_enabled, bool):
+            raise ConfigError(self.key_of("rfb_enabled"), "true or false")
+        if not isinstance(self.node_modules, str):
+            raise ConfigError(self.key_of("node_modules"), "a path (a string)")
         _number(self, "token_lifetime", 1, 86400)
         size = self.max_message_size
         if isinstance(size, bool) or not isinstance(size, int) or not 65536 <= size <= 16777216:
@@ -268,18 +281,35 @@ class Config:
                 ) from e
         return endpoints
 
+    @property
+    def has_guacd(self) -> bool:
+        """False when C{guacd.endpoint} is ``none``: only raw VNC consoles work."""
+        return self.guacd != "none"
+
     def guacd_endpoint(self, reactor: Any) -> IStreamClientEndpoint:
         """
         Parse C{guacd}: ``tcp:host:port`` or ``tls:host:port[:trustRoots=dir]``.
 
         ``tls:`` verifies guacd's certificate and host name (service_identity).
+        ``none`` gives an endpoint that always fails (no guacd configured).
         """
+        if not self.has_guacd:
+            return NoGuacd()
         if not self.guacd.startswith(("tcp:", "tls:", "unix:")):
             raise ConfigError(self.key_of("guacd"), "use a tcp:, tls: or unix: endpoint")
         try:
             return clientFromString(reactor, self.guacd)
         except Exception as e:
             raise ConfigError(self.key_of("guacd"), f"bad endpoint: {_why(e)}") from e
+
+
+@implementer(IStreamClientEndpoint)
+class NoGuacd:
+    """The guacd endpoint when none is configured: every connection fails."""
+
+    def connect(self, protocolFactory: Any) -> Deferred[Any]:
+        """Fail at once: there is no guacd."""
+        return fail(ConnectError(string="no guacd is configured (guacd.endpoint = none)"))
 
 
 def _number(config: Config, name: str, low: float, high: float) -> None:

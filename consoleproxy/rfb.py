@@ -29,9 +29,11 @@ Life of a session:
     producer, so memory per session stays bounded.
  5. Whichever side closes first, the other follows at once.
 
-The VNC server is reached through L{RfbSettings.upstream}, a function of the
-console's parameters that returns a client endpoint: direct TCP by default,
-an SSH tunnel when one is configured.
+The VNC server is reached the way guacd would reach it: the tunnel policy
+(L{consoleproxy.interfaces.ITunnels}) gives a route, direct or through an SSH
+tunnel's one-shot listener, and consoleproxy connects to the route's
+``hostname``/``port`` itself.  (A tunnel listener restricted to guacd's
+address, ``tunnels.guacd_address``, must then admit this host too.)
 """
 
 from __future__ import annotations
@@ -55,10 +57,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
+from consoleproxy.interfaces import ITunnels
 from consoleproxy.relay import CancelTimersOnLoss, ClockTimer, RelayResource
 from consoleproxy.routing import json_body
 from consoleproxy.status import GuacamoleError, Status
 from consoleproxy.tokens import Claims, TokenAuthority, TokenError
+from consoleproxy.tunnels import DirectRoutes, Route
 
 SUBPROTOCOL = "binary"
 #: The token purpose of raw VNC tokens (a key of their own, derived from the key file).
@@ -467,24 +471,22 @@ def connect_vnc(
     return result
 
 
-def direct_tcp(reactor: Any, connect_timeout: float = 10.0) -> Callable[..., IStreamClientEndpoint]:
+def vnc_endpoint(
+    reactor: Any, parameters: Mapping[str, str], timeout: float = 10.0
+) -> IStreamClientEndpoint:
     """
-    The default way to the VNC server: TCP to the console's C{hostname}:C{port}.
+    A TCP client endpoint to C{hostname}:C{port} of a route's parameters.
 
-    @return: a function of the console's parameters giving a client endpoint.
+    @raise GuacamoleError: when they hold no usable host and port.
     """
-
-    def upstream(parameters: Mapping[str, str]) -> IStreamClientEndpoint:
-        host = parameters.get("hostname", "")
-        try:
-            port = int(parameters.get("port", "5900"))
-        except ValueError:
-            port = -1
-        if not host or not 0 < port < 65536:
-            raise GuacamoleError(Status.SERVER_ERROR, "the console has no usable hostname/port")
-        return HostnameEndpoint(reactor, host, port, timeout=connect_timeout)
-
-    return upstream
+    host = parameters.get("hostname", "")
+    try:
+        port = int(parameters.get("port", "5900"))
+    except ValueError:
+        port = -1
+    if not host or not 0 < port < 65536:
+        raise GuacamoleError(Status.SERVER_ERROR, "the console has no usable hostname/port")
+    return HostnameEndpoint(reactor, host, port, timeout=timeout)
 
 
 @dataclass(frozen=True)
@@ -492,15 +494,16 @@ class RfbSettings:
     """
     How the raw VNC relay reaches VNC servers and how long it waits.
 
-    @ivar upstream: console parameters -> client endpoint of the VNC server
-        (L{direct_tcp}, or an SSH tunnel's).
-    @ivar handshake_timeout: seconds for the VNC server's handshake, and
-        again for the browser's.
+    @ivar reactor: makes the TCP connections.
+    @ivar tunnels: decides direct or SSH per console (direct when None).
+    @ivar handshake_timeout: seconds for the VNC server's handshake (the
+        connection included), and again for the browser's.
     @ivar linger: seconds the VNC server gets to read what is left once the
         browser has gone.
     """
 
-    upstream: Callable[[Mapping[str, str]], IStreamClientEndpoint]
+    reactor: Any
+    tunnels: ITunnels | None = None
     handshake_timeout: float = 15.0
     linger: float = 5.0
 
@@ -515,6 +518,9 @@ class RfbRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
         super().__init__()
         self._claims: Claims | None = None
         self._upstream: VncUpstream | None = None
+        self._route: Route | None = None
+        self._pending = False
+        self._gone = False
         self._connecting: Deferred[VncUpstream] | None = None
         self._refusal: tuple[Status, str] | None = None
         self._close_status: tuple[Status, str] | None = None
@@ -533,7 +539,7 @@ class RfbRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
     def processHandshake(self) -> None:
         # Autobahn re-runs the handshake parser on every read while onConnect's
         # Deferred is pending; the transport is paused then, but be certain.
-        if self._connecting is None and self._refusal is None:
+        if not self._pending and self._refusal is None:
             super().processHandshake()
 
     def onConnect(self, request: ConnectionRequest) -> Any:
@@ -552,7 +558,6 @@ class RfbRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
                 raise GuacamoleError(
                     Status.CLIENT_FORBIDDEN, f"token is for zone {console.zone}, not this one"
                 )
-            endpoint = self.factory.settings.upstream(console.parameters)
         except TokenError as e:
             refusals = self.factory.token_refusals
             refusals[e.reason] = refusals.get(e.reason, 0) + 1
@@ -560,13 +565,30 @@ class RfbRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
         except GuacamoleError as e:
             return self._refuse(e.status, str(e))
         self.transport.pauseProducing()
+        self._pending = True
+        routing = self.factory.tunnels.route(console)
+        return routing.addCallback(self._routed).addCallbacks(
+            self._upstream_ready, self._upstream_failed
+        )
+
+    def _routed(self, route: Route) -> Deferred[VncUpstream]:
+        """The way to the VNC server is known (maybe a tunnel): connect."""
+        self._route = route
+        if self._gone:
+            route.close()
+            raise CancelledError()
+        route.on_lost = self._tunnel_lost
+        claims = self._claims
+        assert claims is not None
+        settings = self.factory.settings
+        endpoint = vnc_endpoint(settings.reactor, route.parameters, settings.handshake_timeout)
         self._connecting = connect_vnc(
             endpoint,
-            console.parameters.get("password") or None,
+            claims.console.parameters.get("password") or None,
             self.factory.clock,
-            self.factory.settings.handshake_timeout,
+            settings.handshake_timeout,
         )
-        return self._connecting.addCallbacks(self._upstream_ready, self._upstream_failed)
+        return self._connecting
 
     def _refuse(self, status: Status, message: str) -> str:
         self._refusal = (status, message)
@@ -574,11 +596,15 @@ class RfbRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
 
     def _upstream_ready(self, upstream: VncUpstream) -> str:
         self._connecting = None
+        self._pending = False
         self._upstream = upstream
         return SUBPROTOCOL
 
     def _upstream_failed(self, failure: Failure) -> str | Failure:
         self._connecting = None
+        self._pending = False
+        if self._route is not None:
+            self._route.close()
         if failure.check(CancelledError):
             return Failure(ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "client gone"))
         if failure.check(GuacamoleError):
@@ -721,6 +747,11 @@ class RfbRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
             self._close_status = (status, message)
         self._close(status)
 
+    def _tunnel_lost(self, error: GuacamoleError) -> None:
+        """The SSH tunnel broke under the console: end it with the tunnel's status."""
+        self._log.warn("{why}", why=str(error))
+        self._end(error.status, str(error))
+
     def _end(self, status: Status, message: str) -> None:
         """The browser misbehaved or was too slow: close both sides."""
         if self._close_status is None:
@@ -767,6 +798,7 @@ class RfbRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
         upstream.closed.addBoth(gone)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._gone = True
         if self._connecting is not None:
             connecting, self._connecting = self._connecting, None
             connecting.cancel()
@@ -775,6 +807,8 @@ class RfbRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
         self._greeting_timer = None
         self._phase = "closing"
         self._drop_upstream()
+        if self._route is not None:
+            self._route.close()
         if self._opened_at is None:
             return
         self.factory.sessions.discard(self)
@@ -818,6 +852,7 @@ class RfbRelayFactory(WebSocketServerFactory):
         super().__init__(server="consoleproxy", reactor=clock)
         self.tokens = tokens
         self.settings = settings
+        self.tunnels: ITunnels = settings.tunnels or DirectRoutes()
         self.clock = clock
         self.sessions: set[RfbRelayProtocol] = set()
         self.lingering: set[IDelayedCall] = set()

@@ -21,16 +21,20 @@ from twisted.python import usage
 
 from consoleproxy.api import TokenApi
 from consoleproxy.config import Config, ConfigError, example_path
+from consoleproxy.console_page import ConsoleModes, ConsolePage, GuacdProbe
 from consoleproxy.inventory import InventoryCloud, InventoryError
 from consoleproxy.oned import Oned, ServerAdmin
 from consoleproxy.opennebula import OpenNebulaCloud, is_loopback
 from consoleproxy.opennebula_consoles import StatePolicy
 from consoleproxy.passwords import PasswordVerifier
 from consoleproxy.relay import GuacamoleRelayFactory, RelayResource, RelaySettings
+from consoleproxy.rfb import PURPOSE as RFB_PURPOSE
+from consoleproxy.rfb import RfbRelayFactory, RfbRelayResource, RfbSettings
 from consoleproxy.ssh import SSHPool, SSHSettings, load_private_key
 from consoleproxy.tokens import KeyFileError, KeyRing, TokenAuthority
 from consoleproxy.tunnels import TunnelRule, Tunnels, TunnelSettings
 from consoleproxy.web import ConsoleProxyWeb, build_site
+from consoleproxy.web_assets import StaticFiles
 from consoleproxy.xmlrpc import XmlRpcClient
 
 log = Logger()
@@ -42,8 +46,10 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Web console proxy: issues console tokens at GET /api/vm/<id>/guacamole/<vnc|ssh|rdp> "
-        "and relays WebSockets at /guacamole to guacd.  Settings come from --config (TOML; "
-        "sections [server], [guacd], [tokens], [relay], [cloud], [inventory], [opennebula]) and "
+        "(?mode=rfb: raw VNC), relays WebSockets at /guacamole to guacd and at /rfb to VNC "
+        "servers, and serves a console page at /console/<id>/<type>.  Settings come from "
+        "--config (TOML; sections [server], [guacd], [tokens], [relay], [rfb], [console], "
+        "[cloud], [inventory], [opennebula], [tunnels]) and "
         "the options below, "
         "which win.  Without a configuration it serves the example inventory (user demo) on "
         "127.0.0.1:2616."
@@ -169,12 +175,38 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
         max_message_size=config.max_message_size,
         tunnels=tunnels,
     )
-    web = ConsoleProxyWeb(TokenApi(cloud, cloud, tokens), RelayResource(relay))
+    rfb_tokens = rfb = None
+    if config.rfb_enabled:
+        rfb_tokens = TokenAuthority(
+            keyring, reactor, lifetime=config.token_lifetime, purpose=RFB_PURPOSE
+        )
+        rfb = RfbRelayFactory(
+            rfb_tokens,
+            RfbSettings(
+                reactor=reactor,
+                tunnels=tunnels,
+                handshake_timeout=config.rfb_handshake_timeout,
+            ),
+            clock=reactor,
+            max_message_size=config.max_message_size,
+        )
+    assets = StaticFiles(config.node_modules or None)
+    probe = GuacdProbe(guacd_endpoint if config.has_guacd else None, reactor)
+    web = ConsoleProxyWeb(
+        TokenApi(cloud, cloud, tokens, rfb_tokens),
+        RelayResource(relay),
+        rfb=RfbRelayResource(rfb) if rfb is not None else None,
+        page=ConsolePage(cloud, assets),
+        modes=ConsoleModes(probe.reachable, rfb=rfb is not None),
+        assets=assets,
+    )
     return {
         "config": config,
         "endpoints": server_endpoints,
         "site": build_site(web, reactor, timeout=config.http_timeout),
         "relay": relay,
+        "rfb": rfb,
+        "assets": assets,
         "cloud": cloud,
         "tunnels": tunnels,
     }
@@ -333,6 +365,13 @@ def makeService(options: Options) -> IService:
     for endpoint in parts["endpoints"]:
         StreamServerEndpointService(endpoint, parts["site"]).setServiceParent(service)
     config = parts["config"]
+    if parts["assets"].missing:
+        log.warn(
+            "The console page's libraries are not installed in {path} ({missing}): run "
+            "scripts/setup (npm ci); the page will say so until then.",
+            path=str(parts["assets"].node_modules),
+            missing=", ".join(parts["assets"].missing),
+        )
     if config.cloud == "inventory" and config.inventory == example_path("inventory.toml"):
         log.warn(
             "Serving the EXAMPLE inventory (user demo, password demo): fine for a first "

@@ -1,9 +1,18 @@
 """
 The URL map and the HTTP site.
 
-One port serves the token API and the WebSocket relay, each also under
-``/fireedge`` so that FireEdge's browser code works unchanged.  The access
-log never records query strings: the relay's carries the token.
+One port serves the token API and the WebSocket relays, each also under
+``/fireedge`` so that FireEdge's browser code works unchanged, and the
+console page with its static files::
+
+    /api/vm/<id>/guacamole/<type>   token API (?mode=rfb: a raw VNC token)
+    /api/console-modes              which relays the console page can use now
+    /guacamole                      Guacamole WebSocket relay (subprotocol guacamole)
+    /rfb                            raw VNC WebSocket relay (subprotocol binary)
+    /console/<id>/<type>            the console page (HTTP Basic)
+    /static/...                     the page's script, style and npm libraries
+
+The access log never records query strings: the relays' carry the token.
 """
 
 from __future__ import annotations
@@ -15,17 +24,39 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from consoleproxy.api import TokenApi
+from consoleproxy.console_page import ConsoleModes, ConsolePage, not_enabled
 from consoleproxy.routing import Router
+from consoleproxy.web_assets import StaticFiles
+
+_STATIC_PREFIXES = (b"/static/", b"/fireedge/static/")
 
 
 class ConsoleProxyWeb:
-    """Routes requests to the token API and the relay."""
+    """
+    Routes requests to the token API, the relays and the console page.
+
+    The parts after C{relay} are optional: a part that is not given answers
+    404 (JSON) to its routes.
+    """
 
     router = Router()
 
-    def __init__(self, api: TokenApi, relay: Resource) -> None:
+    def __init__(
+        self,
+        api: TokenApi,
+        relay: Resource,
+        *,
+        rfb: Resource | None = None,
+        page: ConsolePage | None = None,
+        modes: ConsoleModes | None = None,
+        assets: StaticFiles | None = None,
+    ) -> None:
         self.api = api
         self.relay = relay
+        self.rfb = rfb
+        self.page = page
+        self.modes = modes
+        self.assets = assets
 
     @router.route("/api/vm/<vm_id>/guacamole/<console_type>")
     @router.route("/fireedge/api/vm/<vm_id>/guacamole/<console_type>")
@@ -39,9 +70,62 @@ class ConsoleProxyWeb:
         """The Guacamole WebSocket relay."""
         return self.relay
 
+    @router.route("/rfb")
+    @router.route("/fireedge/rfb")
+    def raw_vnc(self, request: Request) -> Any:
+        """The raw VNC (RFB) WebSocket relay, for noVNC."""
+        return self.rfb if self.rfb is not None else not_enabled(request, "raw VNC")
+
+    @router.route("/api/console-modes")
+    @router.route("/fireedge/api/console-modes")
+    def console_modes(self, request: Request) -> Any:
+        """Which relays a console page can use now."""
+        if self.modes is None:
+            return not_enabled(request, "the console page")
+        return self.modes.render(request)
+
+    @router.route("/console/<vm_id>/<console_type>")
+    def console_page(self, request: Request, vm_id: str, console_type: str) -> Any:
+        """The console page."""
+        return self._page(request, vm_id, console_type, "")
+
+    @router.route("/fireedge/console/<vm_id>/<console_type>")
+    def fireedge_console_page(self, request: Request, vm_id: str, console_type: str) -> Any:
+        """The console page, using the ``/fireedge`` routes."""
+        return self._page(request, vm_id, console_type, "/fireedge")
+
+    def _page(self, request: Request, vm_id: str, console_type: str, base: str) -> Any:
+        if self.page is None:
+            return not_enabled(request, "the console page")
+        return self.page.render(request, vm_id, console_type, base)
+
     def resource(self) -> Resource:
         """The root resource."""
-        return self.router.resource(self)
+        routes = self.router.resource(self)
+        if self.assets is None:
+            return routes
+        return _WithStatic(routes, self.assets)
+
+
+class _WithStatic(Resource):
+    """Sends ``/static/`` (and ``/fireedge/static/``) to the files, the rest to the routes."""
+
+    isLeaf = True
+
+    def __init__(self, routes: Resource, assets: StaticFiles) -> None:
+        super().__init__()
+        self._routes = routes
+        self._assets = assets
+
+    def render(self, request: Request) -> Any:
+        for prefix in _STATIC_PREFIXES:
+            if request.path.startswith(prefix):
+                if request.method not in (b"GET", b"HEAD"):
+                    request.setHeader(b"Allow", b"GET, HEAD")
+                    request.setResponseCode(405)
+                    return b""
+                return self._assets.render(request, request.path[len(prefix) :])
+        return self._routes.render(request)
 
 
 def access_log_line(timestamp: str, request: Request) -> str:
