@@ -48,7 +48,7 @@ from consoleproxy.status import GuacamoleError, Status
 
 #: Bytes a channel may receive before we re-grant window: what one console
 #: can have buffered between the hypervisor and guacd.
-CHANNEL_WINDOW = 256 * 1024
+CHANNEL_WINDOW = 1024 * 1024
 CHANNEL_MAX_PACKET = 32 * 1024
 #: SSH_MSG_CHANNEL_OPEN_FAILURE reason codes (RFC 4254).
 _ADMINISTRATIVELY_PROHIBITED = 1

@@ -172,19 +172,25 @@ class Tunnels:
         )
 
         def close() -> None:
+            # The console is over: what is still buffered for guacd is moot.
             self.routes.discard(route)
-            listener.close()
+            listener.close(abort=True)
             chan.loseConnection()
 
         def lost(_: object) -> None:
-            if route._close is not None and route.on_lost is not None:
+            # The hypervisor's side ended: guacd still gets what was sent.
+            if route._close is None:
+                return
+            route._close = None
+            self.routes.discard(route)
+            listener.close(abort=False)
+            if route.on_lost is not None:
                 route.on_lost(
                     TunnelError(
                         Status.UPSTREAM_UNAVAILABLE,
                         f"{ssh_host.description}: the tunnel of VM {console.vm_id} closed",
                     )
                 )
-            route.close()
 
         route._close = close
         chan.closed_by_peer.addCallback(lost)
@@ -233,7 +239,14 @@ class _Splice(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self.chan, True)
-        self.chan.attach(self.transport.write, self.transport.loseConnection, self._hypervisor_full)
+        self.chan.attach(self.transport.write, self.finish, self._hypervisor_full)
+
+    def finish(self) -> None:
+        """Close after what is buffered for guacd has been sent."""
+        if self.transport is not None:
+            # A transport with a registered producer never finishes closing.
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
 
     def _hypervisor_full(self, full: bool) -> None:
         if full:
@@ -311,7 +324,7 @@ class _OneShotListener(ServerFactory):
             port=self.port,
             t=self.tunnels.settings.accept_timeout,
         )
-        self.close()
+        self.close(abort=True)
         self.chan.loseConnection()
 
     def _stop_listening(self) -> None:
@@ -322,8 +335,11 @@ class _OneShotListener(ServerFactory):
             listening, self._listening = self._listening, None
             listening.stopListening()
 
-    def close(self) -> None:
-        """Stop listening and drop the accepted connection, if any (the console is over)."""
+    def close(self, abort: bool = True) -> None:
+        """Stop listening; drop (C{abort}) or finish the accepted connection, if any."""
         self._stop_listening()
         if self._accepted is not None and self._accepted.transport is not None:
-            self._accepted.transport.abortConnection()
+            if abort:
+                self._accepted.transport.abortConnection()
+            else:
+                self._accepted.finish()

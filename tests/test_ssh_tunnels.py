@@ -219,7 +219,33 @@ class _Flood(Protocol):
         self.paused = True
 
 
+class _Source(Protocol):
+    """Sends SOURCE_BYTES, then closes: a console server that ends the session."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"s" * SOURCE_BYTES)
+        self.transport.loseConnection()
+
+
+SOURCE_BYTES = 8 << 20
+
+
 class FlowControlTests(TunnelTestCase):
+    @inlineCallbacks
+    def test_hypervisor_end_delivers_everything(self):  # type: ignore[no-untyped-def]
+        port = yield self.service(_Source)
+        route = yield self.open_route(port=port)
+        lost: list[TunnelError] = []
+        route.on_lost = lost.append
+        client = yield dial(int(route.parameters["port"]))
+        client.keep = False
+        client.transport.pauseProducing()  # guacd is slow: data waits in buffers
+        yield wait(0.5)
+        client.transport.resumeProducing()
+        yield client.closed
+        self.assertEqual(client.count, SOURCE_BYTES)  # all of it, then a clean close
+        self.assertEqual(len(lost), 1)
+
     @inlineCallbacks
     def service(self, protocol: type[Protocol]):  # type: ignore[no-untyped-def]
         from twisted.internet.endpoints import TCP4ServerEndpoint  # noqa: PLC0415
