@@ -7,7 +7,11 @@ real x11vnc on Xvfb reached through the whole relay.
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import tempfile
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
@@ -401,6 +405,57 @@ class KeepaliveTests(TunnelTestCase):
         client = yield dial(int(route.parameters["port"]))
         client.transport.write(b"alive")
         self.assertEqual((yield client.expect(5)), b"alive")
+
+
+class DeadPeerTests(TunnelTestCase):
+    @inlineCallbacks
+    def test_unanswered_keepalives_close_the_connection(self):  # type: ignore[no-untyped-def]
+        tunnels = self.make_tunnels(keepalive_interval=0.2)
+        route = yield self.open_route(tunnels)
+        lost: list[TunnelError] = []
+        route.on_lost = lost.append
+        frozen = self.sshd.processes()
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)  # alive for TCP, silent for SSH
+        self.addCleanup(lambda: [os.kill(p, signal.SIGCONT) for p in frozen])
+        for _ in range(50):
+            if lost:
+                break
+            yield wait(0.1)
+        self.assertEqual([e.status for e in lost], [Status.UPSTREAM_UNAVAILABLE])
+        self.assertEqual(tunnels.pool.connections, 0)
+
+
+class AgentTests(TunnelTestCase):
+    @inlineCallbacks
+    def test_agent_keys(self):  # type: ignore[no-untyped-def]
+        directory = tempfile.mkdtemp(prefix="agent-")  # a short path for the socket
+        self.addCleanup(shutil.rmtree, directory, True)
+        socket_path = os.path.join(directory, "agent.sock")
+        agent = subprocess.Popen(["ssh-agent", "-D", "-a", socket_path])
+        self.addCleanup(agent.wait)
+        self.addCleanup(agent.terminate)
+        for _ in range(50):
+            if os.path.exists(socket_path):
+                break
+            yield wait(0.05)
+        env = {**os.environ, "SSH_AUTH_SOCK": socket_path}
+        subprocess.run(
+            ["ssh-add", "-q", self.sshd.client_key_path],
+            env=env,
+            check=True,
+        )
+        pool = SSHPool(reactor, SSHSettings(known_hosts=self.known_hosts, agent_socket=socket_path))
+        self.addCleanup(pool.close)
+        tunnels = Tunnels(
+            reactor,
+            TunnelSettings(default_mode="ssh", user=self.sshd.user, ssh_port=self.sshd.port),
+            pool,
+        )
+        route = yield self.open_route(tunnels)  # no key file: the agent signs
+        client = yield dial(int(route.parameters["port"]))
+        client.transport.write(b"via agent")
+        self.assertEqual((yield client.expect(9)), b"via agent")
 
 
 class RelayThroughTunnelTests(TunnelTestCase):
