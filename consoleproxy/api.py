@@ -13,7 +13,6 @@ Answers use FireEdge's shape so its clients work unchanged:
 
 from __future__ import annotations
 
-from autobahn.twisted.util import peer2str
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 from twisted.web.server import Request
@@ -21,7 +20,7 @@ from twisted.web.server import Request
 from consoleproxy.consoles import CONSOLE_TYPES, Console, Identity
 from consoleproxy.errors import ApiError, BadRequest, NotFound, Unauthenticated
 from consoleproxy.interfaces import IAuthenticator, ICloud
-from consoleproxy.routing import json_body
+from consoleproxy.routing import client_address, json_body
 from consoleproxy.tokens import TokenAuthority
 
 _MAX_VM_ID = 2**31 - 1  # oned's ids are C ints
@@ -77,7 +76,7 @@ class TokenApi:
                 why=e.message,
                 vm=vm_id[:32],
                 type=console_type[:16],
-                peer=peer2str(request.getClientAddress()),
+                peer=client_address(request),
             )
             return json_body(request, e.status, e.title, e.message)
         authority = self.rfb_tokens if mode == "rfb" else self.tokens
@@ -89,7 +88,7 @@ class TokenApi:
             vm=number,
             type=console_type,
             mode=mode,
-            peer=peer2str(request.getClientAddress()),
+            peer=client_address(request),
         )
         return json_body(request, 200, "OK", token)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -26,6 +27,14 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 _SEGMENT = re.compile(r"<([a-z_][a-z0-9_]*)>")
+
+
+def client_address(request: Request) -> str:
+    """The client as Autobahn names peers: ``tcp4:HOST:PORT``, ``tcp6:...``, ``unix``."""
+    address = request.getClientAddress()
+    if isinstance(address, IPv4Address | IPv6Address):
+        return f"tcp{4 if isinstance(address, IPv4Address) else 6}:{address.host}:{address.port}"
+    return type(address).__name__
 
 
 def json_body(request: Request, status: int, message: str, data: Any) -> bytes:

@@ -110,6 +110,8 @@ class TokenApiTests(TestCase):
         _, _, body = yield get_json(self.server.url("/api/vm/7/guacamole/vnc"), ALICE)
         yield get_json(self.server.url("/api/vm/7/guacamole/vnc"), basic("alice", "wr0ng"))
         text = "\n".join(formatEvent(e) + repr(e) for e in events)
-        self.assertIn("Token issued", text)
+        self.assertRegex(
+            text, r"Token issued: user=alice vm=7 type=vnc .*peer=tcp4:127\.0\.0\.1:\d+"
+        )
         for secret in ("wonderland", "wr0ng", "vnc-secret", body["data"], ALICE.decode()):
             self.assertNotIn(secret, text)
