@@ -30,38 +30,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from autobahn.twisted.resource import WebSocketResource
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.server import NOT_DONE_YET, Request
 
 from consoleproxy.consoles import Display
 from consoleproxy.guacd import GuacdProtocol, HandshakeRequest, connect_guacd
 from consoleproxy.instructions import INTERNAL_OPCODE, InstructionError, elements, encode, split
 from consoleproxy.interfaces import ITunnels
-from consoleproxy.routing import json_body
-from consoleproxy.ssh import TunnelError
 from consoleproxy.status import GuacamoleError, Status
-from consoleproxy.tokens import Claims, TokenAuthority, TokenError
-from consoleproxy.tunnels import DirectRoutes, Route
+from consoleproxy.tokens import TokenAuthority, TokenError
+from consoleproxy.tunnels import Route
+from consoleproxy.websocket import RelayFactory, RelaySession
 
 SUBPROTOCOL = "guacamole"
 _INTERNAL_PREFIX = f"{len(INTERNAL_OPCODE)}.{INTERNAL_OPCODE}"
-
-# Autobahn's own failures (protocol violations, size limits) carry text
-# reasons; the browser needs the Guacamole status there.
-_STATUS_OF_CLOSE_CODE = {
-    1002: Status.CLIENT_BAD_REQUEST,
-    1003: Status.CLIENT_BAD_TYPE,
-    1007: Status.CLIENT_BAD_REQUEST,
-    1008: Status.CLIENT_FORBIDDEN,
-    1009: Status.CLIENT_OVERRUN,
-    1011: Status.SERVER_ERROR,
-}
 
 
 @dataclass(frozen=True)
@@ -75,53 +58,19 @@ class RelaySettings:
     linger: float = 5.0
 
 
-class CancelTimersOnLoss:
-    """
-    Mixin for Autobahn protocols: cancel the close-handshake timers when the
-    connection is gone.  Autobahn leaves them to fire on a closed protocol,
-    which with one DelayedCall per timer (L{ClockTimer}) would keep every
-    closed session referenced until then.
-    """
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        super().connectionLost(reason)  # type: ignore[misc]
-        for name in ("closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall"):
-            call = getattr(self, name, None)
-            if call is not None:
-                call.cancel()
-                setattr(self, name, None)
-
-
-class GuacamoleRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
+class GuacamoleRelayProtocol(RelaySession):
     """One console session: a browser's WebSocket and its guacd connection."""
 
+    subprotocol = SUBPROTOCOL
+    upstream_name = "guacd"
     factory: GuacamoleRelayFactory
-    _log = Logger()
 
     def __init__(self) -> None:
         super().__init__()
-        self._claims: Claims | None = None
         self._guacd: GuacdProtocol | None = None
-        self._connecting: Deferred[GuacdProtocol] | None = None
-        self._refusal: tuple[Status, str] | None = None
-        self._close_status: tuple[Status, str] | None = None
-        self._peer = "?"
-        self._opened_at: float | None = None
         self._tunnel_id = ""
-        self._dropping = False
-        self._pending = False
-        self._gone = False
-        self._route: Route | None = None
-        self.bytes_to_browser = 0
-        self.bytes_from_browser = 0
 
     # -- opening -------------------------------------------------------------------
-
-    def processHandshake(self) -> None:
-        # Autobahn re-runs the handshake parser on every read while onConnect's
-        # Deferred is pending; the transport is paused then, but be certain.
-        if not self._pending and self._refusal is None:
-            super().processHandshake()
 
     def onConnect(self, request: ConnectionRequest) -> Any:
         self._peer = request.peer
@@ -136,7 +85,7 @@ class GuacamoleRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
                     f"token is for zone {self._claims.console.zone}, not this one",
                 )
         except TokenError as e:
-            self.factory.token_refusals[e.reason] = self.factory.token_refusals.get(e.reason, 0) + 1
+            self.factory.refused_token(e.reason)
             return self._refuse(Status.CLIENT_UNAUTHORIZED, f"token refused ({e.reason})")
         except GuacamoleError as e:
             return self._refuse(e.status, str(e))
@@ -173,39 +122,14 @@ class GuacamoleRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
         )
         return self._connecting
 
-    def _refuse(self, status: Status, message: str) -> str:
-        self._refusal = (status, message)
-        return SUBPROTOCOL
-
     def _guacd_ready(self, guacd: GuacdProtocol) -> str:
         self._connecting = None
+        self._pending = False
         self._guacd = guacd
         return SUBPROTOCOL
 
-    def _setup_failed(self, failure: Failure) -> str | Failure:
-        self._connecting = None
-        if self._route is not None:
-            self._route.close()
-        if failure.check(CancelledError):
-            # The browser left while guacd was connecting: nobody to answer.
-            return Failure(ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "client gone"))
-        if failure.check(GuacamoleError):
-            return self._refuse(failure.value.status, str(failure.value))
-        self._log.failure("Unexpected error while connecting to guacd", failure)
-        return self._refuse(Status.SERVER_ERROR, "internal error")
-
     def onOpen(self) -> None:
-        self.transport.resumeProducing()
-        if self._refusal is not None:
-            status, message = self._refusal
-            self._log.info(
-                "Console refused: peer={peer} status={status} ({why})",
-                peer=self._peer,
-                status=int(status),
-                why=message,
-            )
-            self._close_status = self._refusal
-            self._close(status)
+        if self._closed_if_refused("Console"):
             return
         guacd, claims = self._guacd, self._claims
         assert guacd is not None and claims is not None
@@ -284,69 +208,17 @@ class GuacamoleRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
             self._close_status = (status, message)
         self._close(status)
 
-    def _tunnel_lost(self, error: TunnelError) -> None:
-        """The SSH tunnel broke under the console: end it with the tunnel's status."""
-        self._log.warn("{why}", why=str(error))
-        self._end(error.status, str(error))
-
-    def _end(self, status: Status, message: str) -> None:
-        """The browser misbehaved: close both sides."""
-        if self._close_status is None:
-            self._close_status = (status, message)
-        self._close(status)
-        self._drop_guacd()
-
-    def _close(self, status: Status) -> None:
-        if self.transport is not None:
-            self.transport.unregisterProducer()
-        if self.state == self.STATE_OPEN:
-            # sendClose only allows 1000 and 3000-4999; Guacamole needs 1002-1011.
-            self.sendCloseFrame(
-                code=status.websocket_code, reasonUtf8=str(int(status)).encode(), isReply=False
-            )
-
-    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
-        status = _STATUS_OF_CLOSE_CODE.get(code, Status.SUCCESS)
-        if self._close_status is None:
-            self._close_status = (status, reason)
-        super()._fail_connection(code, str(int(status)))
-
-    def _drop_guacd(self) -> None:
+    def _drop_upstream(self) -> None:
         guacd = self._guacd
-        if guacd is None or guacd.transport is None or guacd.closed.called or self._dropping:
-            return
-        self._dropping = True
-        transport = guacd.transport
-        transport.unregisterProducer()
-        transport.loseConnection()
-        # A guacd that stops reading would keep the socket forever.
-        linger = self.factory.clock.callLater(
-            self.factory.settings.linger, transport.abortConnection
-        )
-        self.factory.lingering.add(linger)
-
-        def gone(_: object) -> None:
-            if linger.active():
-                linger.cancel()
-            self.factory.lingering.discard(linger)
-
-        guacd.closed.addBoth(gone)
+        if guacd is not None and guacd.transport is not None and not guacd.closed.called:
+            self._linger_close(guacd.transport, guacd.closed)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self._gone = True
-        if self._connecting is not None:
-            connecting, self._connecting = self._connecting, None
-            connecting.cancel()
-        self._drop_guacd()
-        if self._route is not None:
-            self._route.close()
+        self._release()
         if self._opened_at is None:
             return
         self.factory.sessions.discard(self)
-        status, message = self._close_status or (
-            Status.SUCCESS if wasClean else Status.CLIENT_TIMEOUT,
-            f"browser closed (code {code})" if wasClean else "browser connection lost",
-        )
+        status, message = self._closing_summary(wasClean, code)
         claims, guacd = self._claims, self._guacd
         assert claims is not None and guacd is not None
         self._log.info(
@@ -373,39 +245,8 @@ def _single(query: Mapping[str, list[str]], name: str) -> str:
     return values[0]
 
 
-class ClockTimer:
-    """
-    Autobahn's timers on an injected clock, one DelayedCall each.
-
-    Autobahn's default batches timers in buckets on the global reactor via
-    txaio: a cancelled timer's bucket stays scheduled, and tests cannot
-    drive it with a L{twisted.internet.task.Clock}.
-    """
-
-    def __init__(self, clock: IReactorTime) -> None:
-        self._clock = clock
-
-    def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> _Call:
-        """Schedule C{func}; the result's C{cancel} is safe to call at any time."""
-        return _Call(self._clock.callLater(delay, func, *args, **kwargs))
-
-
-class _Call:
-    def __init__(self, call: Any) -> None:
-        self._call = call
-
-    def cancel(self) -> None:
-        if self._call.active():
-            self._call.cancel()
-
-
-class GuacamoleRelayFactory(WebSocketServerFactory):
-    """
-    Builds relay sessions; holds what they share.
-
-    @ivar sessions: the open sessions (for drain and metrics).
-    @ivar token_refusals: refusals counted by reason.
-    """
+class GuacamoleRelayFactory(RelayFactory):
+    """Builds Guacamole relay sessions; holds what they share."""
 
     protocol = GuacamoleRelayProtocol
 
@@ -417,49 +258,12 @@ class GuacamoleRelayFactory(WebSocketServerFactory):
         max_message_size: int = 65536,
         tunnels: ITunnels | None = None,
     ) -> None:
-        super().__init__(server="consoleproxy", reactor=clock)
-        self.tokens = tokens
-        self.tunnels: ITunnels = tunnels if tunnels is not None else DirectRoutes()
-        self.settings = settings
-        self.clock = clock
-        self.sessions: set[GuacamoleRelayProtocol] = set()
-        self.lingering: set[Any] = set()
-        self.token_refusals: dict[str, int] = {}
-        self._batched_timer = ClockTimer(clock)
-        self.max_message_size = max_message_size
-        self.setProtocolOptions(
-            webStatus=False,
-            maxFramePayloadSize=max_message_size,
-            maxMessagePayloadSize=max_message_size,
-            # guacd's handshake may take its full timeout before we answer.
-            openHandshakeTimeout=settings.handshake_timeout + 5,
-            closeHandshakeTimeout=2,
-            failByDrop=False,
+        super().__init__(
+            tokens,
+            clock,
+            handshake_timeout=settings.handshake_timeout,
+            linger=settings.linger,
+            max_message_size=max_message_size,
+            tunnels=tunnels,
         )
-
-
-class RelayResource(WebSocketResource):
-    """
-    Mounts the relay in twisted.web, handing the connection over cleanly.
-
-    twisted.web's channel stays registered as the transport's producer after
-    Autobahn takes the transport: it is unregistered here so the relay can
-    register its own.  (The channel's idle timeout is already off while a
-    request is in progress, and this request never finishes.)  A plain GET
-    gets a JSON 426 instead of Autobahn's page.
-    """
-
-    def render(self, request: Request) -> Any:
-        upgrade = (request.getHeader(b"upgrade") or b"").lower()
-        if upgrade != b"websocket":
-            request.setHeader(b"Upgrade", b"websocket")
-            return json_body(
-                request, 426, "Upgrade Required", "a WebSocket endpoint (subprotocol guacamole)"
-            )
-        channel = request.channel
-        transport = channel.transport
-        if transport is None:
-            return super().render(request)
-        transport.unregisterProducer()
-        result = super().render(request)
-        return NOT_DONE_YET if result is NOT_DONE_YET else result
+        self.settings = settings

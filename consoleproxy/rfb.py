@@ -44,7 +44,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
@@ -53,16 +52,13 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.server import Request
 
 from consoleproxy.interfaces import ITunnels
-from consoleproxy.relay import CancelTimersOnLoss, ClockTimer, RelayResource
-from consoleproxy.routing import json_body
 from consoleproxy.status import GuacamoleError, Status
-from consoleproxy.tokens import Claims, TokenAuthority, TokenError
-from consoleproxy.tunnels import DirectRoutes, Route
+from consoleproxy.tokens import TokenAuthority, TokenError
+from consoleproxy.tunnels import Route
+from consoleproxy.websocket import RelayFactory, RelayResource, RelaySession
 
 SUBPROTOCOL = "binary"
 #: The token purpose of raw VNC tokens (a key of their own, derived from the key file).
@@ -508,39 +504,22 @@ class RfbSettings:
     linger: float = 5.0
 
 
-class RfbRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
+class RfbRelayProtocol(RelaySession):
     """One raw VNC session: a browser's WebSocket and its VNC server."""
 
+    subprotocol = SUBPROTOCOL
+    upstream_name = "a VNC server"
     factory: RfbRelayFactory
-    _log = Logger()
 
     def __init__(self) -> None:
         super().__init__()
-        self._claims: Claims | None = None
         self._upstream: VncUpstream | None = None
-        self._route: Route | None = None
-        self._pending = False
-        self._gone = False
-        self._connecting: Deferred[VncUpstream] | None = None
-        self._refusal: tuple[Status, str] | None = None
-        self._close_status: tuple[Status, str] | None = None
-        self._peer = "?"
-        self._opened_at: float | None = None
         self._phase = "connecting"  # version, security, relaying, closing
         self._browser_version: tuple[int, int] | None = None
         self._inbox = bytearray()
         self._greeting_timer: IDelayedCall | None = None
-        self._linger: IDelayedCall | None = None
-        self.bytes_to_browser = 0
-        self.bytes_from_browser = 0
 
     # -- opening -------------------------------------------------------------------
-
-    def processHandshake(self) -> None:
-        # Autobahn re-runs the handshake parser on every read while onConnect's
-        # Deferred is pending; the transport is paused then, but be certain.
-        if not self._pending and self._refusal is None:
-            super().processHandshake()
 
     def onConnect(self, request: ConnectionRequest) -> Any:
         self._peer = request.peer
@@ -559,8 +538,7 @@ class RfbRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
                     Status.CLIENT_FORBIDDEN, f"token is for zone {console.zone}, not this one"
                 )
         except TokenError as e:
-            refusals = self.factory.token_refusals
-            refusals[e.reason] = refusals.get(e.reason, 0) + 1
+            self.factory.refused_token(e.reason)
             return self._refuse(Status.CLIENT_UNAUTHORIZED, f"token refused ({e.reason})")
         except GuacamoleError as e:
             return self._refuse(e.status, str(e))
@@ -568,7 +546,7 @@ class RfbRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
         self._pending = True
         routing = self.factory.tunnels.route(console)
         return routing.addCallback(self._routed).addCallbacks(
-            self._upstream_ready, self._upstream_failed
+            self._upstream_ready, self._setup_failed
         )
 
     def _routed(self, route: Route) -> Deferred[VncUpstream]:
@@ -590,40 +568,14 @@ class RfbRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
         )
         return self._connecting
 
-    def _refuse(self, status: Status, message: str) -> str:
-        self._refusal = (status, message)
-        return SUBPROTOCOL
-
     def _upstream_ready(self, upstream: VncUpstream) -> str:
         self._connecting = None
         self._pending = False
         self._upstream = upstream
         return SUBPROTOCOL
 
-    def _upstream_failed(self, failure: Failure) -> str | Failure:
-        self._connecting = None
-        self._pending = False
-        if self._route is not None:
-            self._route.close()
-        if failure.check(CancelledError):
-            return Failure(ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "client gone"))
-        if failure.check(GuacamoleError):
-            return self._refuse(failure.value.status, str(failure.value))
-        self._log.failure("Unexpected error while connecting to a VNC server", failure)
-        return self._refuse(Status.SERVER_ERROR, "internal error")
-
     def onOpen(self) -> None:
-        self.transport.resumeProducing()
-        if self._refusal is not None:
-            status, message = self._refusal
-            self._log.info(
-                "Raw VNC console refused: peer={peer} status={status} ({why})",
-                peer=self._peer,
-                status=int(status),
-                why=message,
-            )
-            self._close_status = self._refusal
-            self._close(status)
+        if self._closed_if_refused("Raw VNC console"):
             return
         upstream, claims = self._upstream, self._claims
         assert upstream is not None and claims is not None
@@ -747,75 +699,21 @@ class RfbRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
             self._close_status = (status, message)
         self._close(status)
 
-    def _tunnel_lost(self, error: GuacamoleError) -> None:
-        """The SSH tunnel broke under the console: end it with the tunnel's status."""
-        self._log.warn("{why}", why=str(error))
-        self._end(error.status, str(error))
-
-    def _end(self, status: Status, message: str) -> None:
-        """The browser misbehaved or was too slow: close both sides."""
-        if self._close_status is None:
-            self._close_status = (status, message)
-        self._close(status)
-        self._drop_upstream()
-
-    def _close(self, status: Status) -> None:
-        if self.transport is not None:
-            self.transport.unregisterProducer()
-        if self.state == self.STATE_OPEN:
-            # sendClose only allows 1000 and 3000-4999; the Guacamole rules need 1002-1011.
-            self.sendCloseFrame(
-                code=status.websocket_code, reasonUtf8=str(int(status)).encode(), isReply=False
-            )
-
-    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
-        status = _STATUS_OF_CLOSE_CODE.get(code, Status.SUCCESS)
-        if self._close_status is None:
-            self._close_status = (status, reason)
-        super()._fail_connection(code, str(int(status)))
-
     def _drop_upstream(self) -> None:
         upstream = self._upstream
-        if upstream is None or upstream.transport is None or upstream.closed.called:
-            return
-        if self._linger is not None:
-            return
-        transport = upstream.transport
-        transport.unregisterProducer()
-        transport.loseConnection()
-        # A VNC server that stops reading would keep the socket forever.
-        linger = self.factory.clock.callLater(
-            self.factory.settings.linger, transport.abortConnection
-        )
-        self._linger = linger
-        self.factory.lingering.add(linger)
-
-        def gone(_: object) -> None:
-            if linger.active():
-                linger.cancel()
-            self.factory.lingering.discard(linger)
-
-        upstream.closed.addBoth(gone)
+        if upstream is not None and upstream.transport is not None and not upstream.closed.called:
+            self._linger_close(upstream.transport, upstream.closed)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self._gone = True
-        if self._connecting is not None:
-            connecting, self._connecting = self._connecting, None
-            connecting.cancel()
         if self._greeting_timer is not None and self._greeting_timer.active():
             self._greeting_timer.cancel()
         self._greeting_timer = None
         self._phase = "closing"
-        self._drop_upstream()
-        if self._route is not None:
-            self._route.close()
+        self._release()
         if self._opened_at is None:
             return
         self.factory.sessions.discard(self)
-        status, message = self._close_status or (
-            Status.SUCCESS if wasClean else Status.CLIENT_TIMEOUT,
-            f"browser closed (code {code})" if wasClean else "browser connection lost",
-        )
+        status, message = self._closing_summary(wasClean, code)
         claims = self._claims
         assert claims is not None
         self._log.info(
@@ -832,13 +730,8 @@ class RfbRelayProtocol(CancelTimersOnLoss, WebSocketServerProtocol):
         )
 
 
-class RfbRelayFactory(WebSocketServerFactory):
-    """
-    Builds raw VNC sessions; holds what they share.
-
-    @ivar sessions: the open sessions.
-    @ivar token_refusals: refusals counted by reason.
-    """
+class RfbRelayFactory(RelayFactory):
+    """Builds raw VNC sessions; holds what they share."""
 
     protocol = RfbRelayProtocol
 
@@ -849,35 +742,17 @@ class RfbRelayFactory(WebSocketServerFactory):
         clock: IReactorTime,
         max_message_size: int = 65536,
     ) -> None:
-        super().__init__(server="consoleproxy", reactor=clock)
-        self.tokens = tokens
-        self.settings = settings
-        self.tunnels: ITunnels = settings.tunnels or DirectRoutes()
-        self.clock = clock
-        self.sessions: set[RfbRelayProtocol] = set()
-        self.lingering: set[IDelayedCall] = set()
-        self.token_refusals: dict[str, int] = {}
-        self._batched_timer = ClockTimer(clock)
-        self.max_message_size = max_message_size
-        self.setProtocolOptions(
-            webStatus=False,
-            maxFramePayloadSize=max_message_size,
-            maxMessagePayloadSize=max_message_size,
-            # The VNC handshake may take its full timeout before we answer.
-            openHandshakeTimeout=settings.handshake_timeout + 5,
-            closeHandshakeTimeout=2,
-            failByDrop=False,
+        super().__init__(
+            tokens,
+            clock,
+            handshake_timeout=settings.handshake_timeout,
+            linger=settings.linger,
+            max_message_size=max_message_size,
+            tunnels=settings.tunnels,
         )
+        self.settings = settings
 
 
-class RfbRelayResource(RelayResource):
-    """The raw VNC relay in twisted.web (see L{RelayResource}); plain GETs get JSON 426."""
-
-    def render(self, request: Request) -> Any:
-        upgrade = (request.getHeader(b"upgrade") or b"").lower()
-        if upgrade != b"websocket":
-            request.setHeader(b"Upgrade", b"websocket")
-            return json_body(
-                request, 426, "Upgrade Required", "a WebSocket endpoint (subprotocol binary)"
-            )
-        return super().render(request)
+def RfbRelayResource(factory: RfbRelayFactory) -> RelayResource:
+    """The raw VNC relay in twisted.web (see L{RelayResource})."""
+    return RelayResource(factory, SUBPROTOCOL)

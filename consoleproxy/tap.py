@@ -27,7 +27,7 @@ from consoleproxy.oned import Oned, ServerAdmin
 from consoleproxy.opennebula import OpenNebulaCloud, is_loopback
 from consoleproxy.opennebula_consoles import StatePolicy
 from consoleproxy.passwords import PasswordVerifier
-from consoleproxy.relay import GuacamoleRelayFactory, RelayResource, RelaySettings
+from consoleproxy.relay import GuacamoleRelayFactory, RelaySettings
 from consoleproxy.rfb import PURPOSE as RFB_PURPOSE
 from consoleproxy.rfb import RfbRelayFactory, RfbRelayResource, RfbSettings
 from consoleproxy.ssh import SSHPool, SSHSettings, load_private_key
@@ -35,6 +35,7 @@ from consoleproxy.tokens import KeyFileError, KeyRing, TokenAuthority
 from consoleproxy.tunnels import TunnelRule, Tunnels, TunnelSettings
 from consoleproxy.web import ConsoleProxyWeb, build_site
 from consoleproxy.web_assets import StaticFiles
+from consoleproxy.websocket import RelayResource
 from consoleproxy.xmlrpc import XmlRpcClient
 
 log = Logger()

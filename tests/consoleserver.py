@@ -15,11 +15,12 @@ from consoleproxy.api import TokenApi
 from consoleproxy.config import NoGuacd
 from consoleproxy.console_page import ConsoleModes, ConsolePage, GuacdProbe
 from consoleproxy.inventory import InventoryCloud
-from consoleproxy.relay import GuacamoleRelayFactory, RelayResource, RelaySettings
+from consoleproxy.relay import GuacamoleRelayFactory, RelaySettings
 from consoleproxy.rfb import PURPOSE, RfbRelayFactory, RfbRelayResource, RfbSettings
 from consoleproxy.tokens import KeyRing, TokenAuthority
 from consoleproxy.web import ConsoleProxyWeb, build_site
 from consoleproxy.web_assets import StaticFiles
+from consoleproxy.websocket import RelayResource
 from tests.support import synchronous_verifier, write_inventory
 
 # Cheap Argon2 parameters: the tests check logic, not cost.

@@ -18,9 +18,10 @@ from twisted.web.http_headers import Headers
 from consoleproxy.api import TokenApi
 from consoleproxy.inventory import InventoryCloud
 from consoleproxy.passwords import PasswordVerifier
-from consoleproxy.relay import GuacamoleRelayFactory, RelayResource, RelaySettings
+from consoleproxy.relay import GuacamoleRelayFactory, RelaySettings
 from consoleproxy.tokens import KeyRing, TokenAuthority
 from consoleproxy.web import ConsoleProxyWeb, build_site
+from consoleproxy.websocket import RelayResource
 
 # Cheap Argon2 parameters: the tests check logic, not cost.
 _quick = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)

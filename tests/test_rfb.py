@@ -20,8 +20,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from consoleproxy.consoles import Console, Identity
-from consoleproxy.relay import CancelTimersOnLoss, ClockTimer
 from consoleproxy.rfb import vnc_auth_response
+from consoleproxy.websocket import CancelTimersOnLoss, ClockTimer
 from tests.consoleserver import start_console_server
 from tests.support import wait
 

@@ -9,7 +9,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
-from consoleproxy.relay import CancelTimersOnLoss, ClockTimer
+from consoleproxy.websocket import CancelTimersOnLoss, ClockTimer
 
 
 class GuacamoleClient(CancelTimersOnLoss, WebSocketClientProtocol):

@@ -1,0 +1,310 @@
+"""
+What the two browser-facing relays share: the Guacamole relay (relay.py)
+and the raw VNC relay (rfb.py).
+
+  - A session is set up before the WebSocket is accepted; a refusal still
+    accepts it, then closes it at once with the WebSocket code of a Guacamole
+    status and the decimal status as the reason (guacamole-common-js and the
+    console page read the status there).
+  - Autobahn's own failures (protocol violations, size limits) get the same
+    numeric reasons.
+  - When the browser leaves, the upstream socket gets a short grace to read
+    what is left, then is aborted: a peer that stops reading keeps nothing.
+  - Autobahn's timers run on the injected clock, one DelayedCall each, and
+    the close-handshake timers are cancelled with the connection.
+  - twisted.web hands the connection over cleanly (L{RelayResource}).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import NOT_DONE_YET, Request
+
+from consoleproxy.interfaces import ITunnels
+from consoleproxy.routing import json_body
+from consoleproxy.status import GuacamoleError, Status
+from consoleproxy.tokens import Claims, TokenAuthority
+from consoleproxy.tunnels import DirectRoutes, Route
+
+# Autobahn's own failures carry text reasons; the browser needs the status.
+_STATUS_OF_CLOSE_CODE = {
+    1002: Status.CLIENT_BAD_REQUEST,
+    1003: Status.CLIENT_BAD_TYPE,
+    1007: Status.CLIENT_BAD_REQUEST,
+    1008: Status.CLIENT_FORBIDDEN,
+    1009: Status.CLIENT_OVERRUN,
+    1011: Status.SERVER_ERROR,
+}
+
+
+class ClockTimer:
+    """
+    Autobahn's timers on an injected clock, one DelayedCall each.
+
+    Autobahn's default batches timers in buckets on the global reactor via
+    txaio: a cancelled timer's bucket stays scheduled, and tests cannot
+    drive it with a L{twisted.internet.task.Clock}.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+
+    def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> _Call:
+        """Schedule C{func}; the result's C{cancel} is safe to call at any time."""
+        return _Call(self._clock.callLater(delay, func, *args, **kwargs))
+
+
+class _Call:
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def cancel(self) -> None:
+        if self._call.active():
+            self._call.cancel()
+
+
+class CancelTimersOnLoss:
+    """
+    Mixin for Autobahn protocols: cancel the close-handshake timers when the
+    connection is gone.  Autobahn leaves them to fire on a closed protocol,
+    which with one DelayedCall per timer (L{ClockTimer}) would keep every
+    closed session referenced until then.
+    """
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        super().connectionLost(reason)  # type: ignore[misc]
+        for name in ("closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall"):
+            call = getattr(self, name, None)
+            if call is not None:
+                call.cancel()
+                setattr(self, name, None)
+
+
+class RelayFactory(WebSocketServerFactory):
+    """
+    Builds sessions of one relay; holds what they share.
+
+    @ivar sessions: the open sessions (for drain and metrics).
+    @ivar token_refusals: refusals counted by reason.
+    @ivar lingering: upstream sockets given a grace to finish.
+    """
+
+    def __init__(
+        self,
+        tokens: TokenAuthority,
+        clock: IReactorTime,
+        *,
+        handshake_timeout: float,
+        linger: float,
+        max_message_size: int,
+        tunnels: ITunnels | None,
+    ) -> None:
+        super().__init__(server="consoleproxy", reactor=clock)
+        self.tokens = tokens
+        self.clock = clock
+        self.linger = linger
+        self.max_message_size = max_message_size
+        self.tunnels: ITunnels = tunnels if tunnels is not None else DirectRoutes()
+        self.sessions: set[Any] = set()
+        self.lingering: set[IDelayedCall] = set()
+        self.token_refusals: dict[str, int] = {}
+        self._batched_timer = ClockTimer(clock)
+        self.setProtocolOptions(
+            webStatus=False,
+            maxFramePayloadSize=max_message_size,
+            maxMessagePayloadSize=max_message_size,
+            # The upstream's handshake may take its full timeout before we answer.
+            openHandshakeTimeout=handshake_timeout + 5,
+            closeHandshakeTimeout=2,
+            failByDrop=False,
+        )
+
+    def refused_token(self, reason: str) -> None:
+        """Count a token refusal."""
+        self.token_refusals[reason] = self.token_refusals.get(reason, 0) + 1
+
+
+class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
+    """
+    The common life of a relayed session; subclasses supply the upstream.
+
+    @cvar subprotocol: the WebSocket subprotocol this relay speaks.
+    @cvar upstream_name: what the upstream is, for log lines.
+    """
+
+    subprotocol: ClassVar[str]
+    upstream_name: ClassVar[str]
+    factory: RelayFactory
+    _log = Logger()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._claims: Claims | None = None
+        self._route: Route | None = None
+        self._connecting: Deferred[Any] | None = None
+        self._refusal: tuple[Status, str] | None = None
+        self._close_status: tuple[Status, str] | None = None
+        self._pending = False
+        self._gone = False
+        self._peer = "?"
+        self._opened_at: float | None = None
+        self._linger: IDelayedCall | None = None
+        self.bytes_to_browser = 0
+        self.bytes_from_browser = 0
+
+    # -- opening -------------------------------------------------------------------
+
+    def processHandshake(self) -> None:
+        # Autobahn re-runs the handshake parser on every read while onConnect's
+        # Deferred is pending; the transport is paused then, but be certain.
+        if not self._pending and self._refusal is None:
+            super().processHandshake()
+
+    def _refuse(self, status: Status, message: str) -> str:
+        """Accept the WebSocket only to close it with C{status} in onOpen."""
+        self._refusal = (status, message)
+        return self.subprotocol
+
+    def _setup_failed(self, failure: Failure) -> str | Failure:
+        """The route or the upstream failed before the WebSocket was accepted."""
+        self._connecting = None
+        self._pending = False
+        if self._route is not None:
+            self._route.close()
+        if failure.check(CancelledError):
+            # The browser left meanwhile: nobody to answer.
+            return Failure(ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "client gone"))
+        if failure.check(GuacamoleError):
+            return self._refuse(failure.value.status, str(failure.value))
+        self._log.failure(
+            "Unexpected error while connecting to {what}", failure, what=self.upstream_name
+        )
+        return self._refuse(Status.SERVER_ERROR, "internal error")
+
+    def _closed_if_refused(self, kind: str) -> bool:
+        """In onOpen: close a refused session (and log it); whether it was refused."""
+        self.transport.resumeProducing()
+        if self._refusal is None:
+            return False
+        status, message = self._refusal
+        self._log.info(
+            "{kind} refused: peer={peer} status={status} ({why})",
+            kind=kind,
+            peer=self._peer,
+            status=int(status),
+            why=message,
+        )
+        self._close_status = self._refusal
+        self._close(status)
+        return True
+
+    # -- closing -------------------------------------------------------------------
+
+    def _tunnel_lost(self, error: GuacamoleError) -> None:
+        """The SSH tunnel broke under the console: end it with the tunnel's status."""
+        self._log.warn("{why}", why=str(error))
+        self._end(error.status, str(error))
+
+    def _end(self, status: Status, message: str) -> None:
+        """End the session from our side: close both sides."""
+        if self._close_status is None:
+            self._close_status = (status, message)
+        self._close(status)
+        self._drop_upstream()
+
+    def _drop_upstream(self) -> None:
+        """Close the upstream socket (see L{_linger_close})."""
+        raise NotImplementedError
+
+    def _close(self, status: Status) -> None:
+        if self.transport is not None:
+            self.transport.unregisterProducer()
+        if self.state == self.STATE_OPEN:
+            # sendClose only allows 1000 and 3000-4999; Guacamole needs 1002-1011.
+            self.sendCloseFrame(
+                code=status.websocket_code, reasonUtf8=str(int(status)).encode(), isReply=False
+            )
+
+    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+        status = _STATUS_OF_CLOSE_CODE.get(code, Status.SUCCESS)
+        if self._close_status is None:
+            self._close_status = (status, reason)
+        super()._fail_connection(code, str(int(status)))
+
+    def _linger_close(self, transport: Any, closed: Deferred[Any]) -> None:
+        """
+        Close an upstream socket gracefully, but abort it if it has not gone
+        within the factory's linger: a peer that stops reading keeps nothing.
+        """
+        if self._linger is not None:
+            return
+        transport.unregisterProducer()
+        transport.loseConnection()
+        linger = self.factory.clock.callLater(self.factory.linger, transport.abortConnection)
+        self._linger = linger
+        self.factory.lingering.add(linger)
+
+        def gone(_: object) -> None:
+            if linger.active():
+                linger.cancel()
+            self.factory.lingering.discard(linger)
+
+        closed.addBoth(gone)
+
+    def _closing_summary(self, wasClean: bool, code: int | None) -> tuple[Status, str]:
+        """How the session ended, for its close log line."""
+        return self._close_status or (
+            Status.SUCCESS if wasClean else Status.CLIENT_TIMEOUT,
+            f"browser closed (code {code})" if wasClean else "browser connection lost",
+        )
+
+    def _release(self) -> None:
+        """In onClose: give up whatever the session still holds."""
+        self._gone = True
+        if self._connecting is not None:
+            connecting, self._connecting = self._connecting, None
+            connecting.cancel()
+        self._drop_upstream()
+        if self._route is not None:
+            self._route.close()
+
+
+class RelayResource(WebSocketResource):
+    """
+    Mounts a relay in twisted.web, handing the connection over cleanly.
+
+    twisted.web's channel stays registered as the transport's producer after
+    Autobahn takes the transport: it is unregistered here so the relay can
+    register its own.  (The channel's idle timeout is already off while a
+    request is in progress, and this request never finishes.)  A plain GET
+    gets a JSON 426 instead of Autobahn's page.
+    """
+
+    def __init__(self, factory: RelayFactory, subprotocol: str = "guacamole") -> None:
+        super().__init__(factory)
+        self.subprotocol = subprotocol
+
+    def render(self, request: Request) -> Any:
+        upgrade = (request.getHeader(b"upgrade") or b"").lower()
+        if upgrade != b"websocket":
+            request.setHeader(b"Upgrade", b"websocket")
+            return json_body(
+                request,
+                426,
+                "Upgrade Required",
+                f"a WebSocket endpoint (subprotocol {self.subprotocol})",
+            )
+        transport = request.channel.transport
+        if transport is None:
+            return super().render(request)
+        transport.unregisterProducer()
+        result = super().render(request)
+        return NOT_DONE_YET if result is NOT_DONE_YET else result
