@@ -89,17 +89,6 @@ _SECURITY_NAMES = {
     129: "Unix Logon",
 }
 
-# Autobahn's own failures (protocol violations, size limits) carry text
-# reasons; the browser reads the Guacamole status there.
-_STATUS_OF_CLOSE_CODE = {
-    1002: Status.CLIENT_BAD_REQUEST,
-    1003: Status.CLIENT_BAD_TYPE,
-    1007: Status.CLIENT_BAD_REQUEST,
-    1008: Status.CLIENT_FORBIDDEN,
-    1009: Status.CLIENT_OVERRUN,
-    1011: Status.SERVER_ERROR,
-}
-
 
 def vnc_auth_response(password: str | bytes, challenge: bytes) -> bytes:
     """
