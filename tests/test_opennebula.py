@@ -175,6 +175,22 @@ class ConsoleTests(OpenNebulaTestCase):
         self.assertEqual((conn.connect["hostname"], conn.connect["port"]), ("kvm-2", "20021"))
 
 
+class ClusterTests(OpenNebulaTestCase):
+    @inlineCallbacks
+    def test_cluster_of_the_last_host_reaches_the_token(self):  # type: ignore[no-untyped-def]
+        """The tunnel policy can match OpenNebula clusters: the token carries the CID."""
+        self.oned.add_vm(
+            30,
+            "alice",
+            graphics=VNC,
+            history=({"HOSTNAME": "kvm-a", "CID": "0"}, {"HOSTNAME": "edge-1", "CID": "100"}),
+        )
+        code, _, body = yield get_json(self.url("/api/vm/30/guacamole/vnc"), ALICE)
+        self.assertEqual(code, 200, body)
+        console = self.server.tokens.open(body["data"]).console
+        self.assertEqual((console.parameters["hostname"], console.cluster), ("edge-1", "100"))
+
+
 class RefusalTests(OpenNebulaTestCase):
     @inlineCallbacks
     def test_wrong_password_401(self):  # type: ignore[no-untyped-def]
