@@ -56,7 +56,7 @@ class TokenError(Exception):
     A token was refused.
 
     @ivar reason: one of C{malformed}, C{unknown-version}, C{unknown-key},
-        C{tampered}, C{expired}, C{replayed}, C{wrong-purpose}: for logs and
+        C{tampered}, C{expired}, C{replayed}, C{wrong-zone}: for logs and
         metrics, never for the browser, which sees one refusal for all.
     """
 
@@ -88,13 +88,18 @@ def _key_id(key: bytes) -> bytes:
     return hashlib.sha256(b"consoleproxy token key id\0" + key).digest()[:_KEY_ID_BYTES]
 
 
-def _purpose_key(key: bytes, purpose: str) -> bytes:
-    """One key per purpose: a Guacamole token is no raw VNC token."""
+def _purpose_key(key: bytes, purpose: str, zone: str | None) -> bytes:
+    """
+    One key per purpose and zone: a Guacamole token is no raw VNC token, and a
+    token sealed for zone A does not open as one for zone B, even when the
+    zones share their key file.
+    """
+    scope = f"{purpose}@{'local' if zone is None else 'zone:' + zone}"
     return HKDF(
         algorithm=hashes.SHA256(),
         length=KEY_BYTES,
         salt=None,
-        info=b"consoleproxy token v1 " + purpose.encode("ascii"),
+        info=b"consoleproxy token v1 " + scope.encode("ascii"),
     ).derive(key)
 
 
@@ -202,19 +207,26 @@ class TokenAuthority:
     ) -> None:
         self._clock = clock
         self.lifetime = lifetime
-        self._sealer = (
-            _key_id(keyring.sealing_key),
-            AESGCM(_purpose_key(keyring.sealing_key, purpose)),
-        )
-        self._openers = {
-            _key_id(k): AESGCM(_purpose_key(k, purpose)) for k in reversed(keyring.keys)
-        }
+        self._keyring = keyring
+        self._purpose = purpose
+        self._aeads: dict[tuple[bytes, str | None], AESGCM] = {}
+        self._keys = {_key_id(k): k for k in reversed(keyring.keys)}
         # Ids of opened tokens, kept until they expire: (expiry, id) in a heap.
         self._spent: set[bytes] = set()
         self._spent_by_expiry: list[tuple[float, bytes]] = []
 
+    def _aead(self, key_id: bytes, zone: str | None) -> AESGCM | None:
+        """The cipher for a key (by id) and a zone, derived once."""
+        found = self._aeads.get((key_id, zone))
+        if found is None:
+            key = self._keys.get(key_id)
+            if key is None:
+                return None
+            found = self._aeads[(key_id, zone)] = AESGCM(_purpose_key(key, self._purpose, zone))
+        return found
+
     def seal(self, identity: Identity, console: Console) -> str:
-        """Mint a token for this user and console."""
+        """Mint a token for this user and console (bound to the console's zone)."""
         claims = {
             "u": identity.name,
             "vm": console.vm_id,
@@ -225,18 +237,22 @@ class TokenAuthority:
             "exp": round(self._clock.seconds() + self.lifetime, 3),
         }
         plaintext = json.dumps(claims, separators=(",", ":"), ensure_ascii=False).encode()
-        key_id, aead = self._sealer
+        key_id = _key_id(self._keyring.sealing_key)
+        aead = self._aead(key_id, console.zone)
+        assert aead is not None
         nonce = os.urandom(_NONCE_BYTES)
         header = bytes([TOKEN_VERSION]) + key_id + nonce
         sealed = header + aead.encrypt(nonce, plaintext, header[: 1 + _KEY_ID_BYTES])
         return base64.urlsafe_b64encode(sealed).rstrip(b"=").decode("ascii")
 
-    def open(self, token: str) -> Claims:
+    def open(self, token: str, zone: str | None = None) -> Claims:
         """
         Open a token and spend it.
 
-        @raise TokenError: for any token that is not one this authority sealed,
-            unmodified, unexpired and never opened before.
+        @param zone: the zone the token must be for: C{None} for tokens of this
+            zone's own consoles, else the id of the zone being served.
+        @raise TokenError: for any token that is not one this authority sealed
+            for C{zone}, unmodified, unexpired and never opened before.
         """
         if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_LENGTH:
             raise TokenError("malformed")
@@ -249,7 +265,7 @@ class TokenAuthority:
         if raw[0] != TOKEN_VERSION:
             raise TokenError("unknown-version")
         key_id = raw[1 : 1 + _KEY_ID_BYTES]
-        aead = self._openers.get(key_id)
+        aead = self._aead(key_id, zone)
         if aead is None:
             raise TokenError("unknown-key")
         nonce = raw[1 + _KEY_ID_BYTES : _HEADER_BYTES]
@@ -258,6 +274,8 @@ class TokenAuthority:
         except InvalidTag as e:
             raise TokenError("tampered") from e
         claims = _parse_claims(plaintext, nonce)
+        if claims.console.zone != zone:  # the key binds it already; be certain
+            raise TokenError("wrong-zone")
         now = self._clock.seconds()
         self._forget_expired(now)
         if claims.expires <= now:

@@ -13,6 +13,7 @@ from twisted.trial.unittest import TestCase
 
 from consoleproxy import tap
 from consoleproxy.config import Config
+from consoleproxy.tokens import TokenError
 from tests.fakeguacd import FakeGuacd
 from tests.fakeoned import FakeOned
 from tests.support import get_json, start_server
@@ -293,7 +294,8 @@ class ZoneTests(OpenNebulaTestCase):
         self.oned.add_zone(2, "off", state=1, endpoint=remote.url)
         code, _, body = yield get_json(self.url("/api/vm/70/guacamole/vnc?zone=1"), ALICE)
         self.assertEqual(code, 200, body)
-        claims = self.server.tokens.open(body["data"])
+        self.assertRaises(TokenError, self.server.tokens.open, body["data"])  # not local
+        claims = self.server.tokens.open(body["data"], "1")
         self.assertEqual(claims.console.zone, "1")
         self.assertEqual(claims.console.parameters["hostname"], "kvm-remote")
         yield self.refused("/api/vm/70/guacamole/vnc?zone=5", 404, "zone 5 does not exist")

@@ -410,13 +410,14 @@ class RefusalTests(RfbTestCase):
         self.assertEqual(
             (yield self.refused(self.server.rfb_tokens.seal(ALICE, ssh))), (1008, "771")
         )
+        # A token for another zone is sealed under that zone's key: it does not open here.
         zoned = Console(7, "vnc", dict(self.console().parameters), zone="1")
         self.assertEqual(
-            (yield self.refused(self.server.rfb_tokens.seal(ALICE, zoned))), (1008, "771")
+            (yield self.refused(self.server.rfb_tokens.seal(ALICE, zoned))), (1008, "769")
         )
-        # A Guacamole token does not open under the rfb purpose's key: "tampered".
+        # A Guacamole token does not open under the rfb purpose's key: "tampered" too.
         self.assertEqual(
-            self.server.rfb.token_refusals, {"tampered": 1, "malformed": 1, "replayed": 1}
+            self.server.rfb.token_refusals, {"tampered": 2, "malformed": 1, "replayed": 1}
         )
         # Refused tokens never reached the VNC server: only the good one did.
         self.assertEqual(len(self.fake.connections), 1)

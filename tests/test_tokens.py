@@ -59,7 +59,7 @@ class TokenTests(SynchronousTestCase):
     def test_non_ascii_survives(self) -> None:
         """FireEdge mangles non-ASCII on decrypt; we must not."""
         console = Console(1, "ssh", {"username": "jörg", "password": "pä$$ 密码 😀"}, zone="2")
-        claims = self.authority.open(self.authority.seal(Identity("zoë"), console))
+        claims = self.authority.open(self.authority.seal(Identity("zoë"), console), "2")
         self.assertEqual(claims.console, console)
         self.assertEqual(claims.user, "zoë")
 
@@ -156,6 +156,21 @@ class TokenTests(SynchronousTestCase):
         guacamole = TokenAuthority(KeyRing([key]), self.clock, purpose="guacamole")
         rfb = TokenAuthority(KeyRing([key]), self.clock, purpose="rfb")
         self.assertRaises(TokenError, rfb.open, guacamole.seal(ALICE, CONSOLE))
+
+    def test_zone_binds_even_with_a_shared_key(self) -> None:
+        """A token for zone 1 opens only as a zone-1 token: not locally, not for zone 2."""
+        key = os.urandom(32)
+        minted_in_zone_0 = TokenAuthority(KeyRing([key]), self.clock)
+        served_by_zone_1 = TokenAuthority(KeyRing([key]), self.clock)
+        remote = Console(70, "vnc", {"hostname": "kvm-remote", "port": "5970"}, zone="1")
+        token = minted_in_zone_0.seal(ALICE, remote)
+        self.assertEqual(
+            self.assertRaises(TokenError, served_by_zone_1.open, token).reason, "tampered"
+        )
+        self.assertRaises(TokenError, served_by_zone_1.open, token, "2")
+        self.assertEqual(served_by_zone_1.open(token, "1").console, remote)
+        local = minted_in_zone_0.seal(ALICE, CONSOLE)
+        self.assertRaises(TokenError, served_by_zone_1.open, local, "1")
 
     def test_garbage_refused(self) -> None:
         for token in ("", "!!!!", "a", "=" * 40, "é" * 40, "A" * (MAX_TOKEN_LENGTH + 4)):
