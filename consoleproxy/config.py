@@ -16,6 +16,8 @@ The keys, by section (see ``consoleproxy/examples/consoleproxy.toml``)::
     [console]   node_modules (where npm installed the page's libraries)
     [cloud]     backend ("inventory" or "opennebula")
     [inventory] path
+    [federation] origin, trust_roots, timeout, zone_refresh
+    [zones.<id>] url
     [tunnels]   default, user, ssh_port, keys, passphrase_file, agent,
                 known_hosts, accept_new, target, listen_address, port_range,
                 guacd_address, accept_timeout, keepalive_interval,
@@ -101,6 +103,11 @@ class Config:
         default_factory=lambda: sorted(RUNNING_ONLY), metadata=_key("opennebula.rdp_states")
     )
     one_loopback_address: str = field(default="", metadata=_key("opennebula.loopback_address"))
+    zones: dict[str, Any] = field(default_factory=dict, metadata=_key("zones"))
+    federation_origin: str = field(default="", metadata=_key("federation.origin"))
+    federation_trust_roots: str = field(default="", metadata=_key("federation.trust_roots"))
+    federation_timeout: float = field(default=15.0, metadata=_key("federation.timeout"))
+    zone_refresh: float = field(default=60.0, metadata=_key("federation.zone_refresh"))
     tunnel_default: str = field(default="direct", metadata=_key("tunnels.default"))
     tunnel_rules: list[dict[str, Any]] = field(default_factory=list, metadata=_key("tunnels.rule"))
     tunnel_user: str = field(default="oneadmin", metadata=_key("tunnels.user"))
@@ -156,6 +163,9 @@ class Config:
         for section, table in data.items():
             if not isinstance(table, dict):
                 raise ConfigError(section, "must be a [section]")
+            if section == "zones":
+                self.zones = table
+                continue
             for name, value in table.items():
                 key = f"{section}.{name}"
                 f = by_key.get(key)
@@ -196,6 +206,7 @@ class Config:
         _whole(self, "one_max_concurrent", 1, 1000)
         _whole(self, "one_zone", 0, 2**31 - 1)
         self._check_tunnels()
+        self._check_federation()
         for name in ("one_vnc_states", "one_ssh_states", "one_rdp_states"):
             states = getattr(self, name)
             if not isinstance(states, list) or not all(
@@ -253,6 +264,31 @@ class Config:
             port = rule.get("port", 22)
             if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
                 raise ConfigError(f"{key}.port", "a TCP port")
+
+    def _check_federation(self) -> None:
+        for name in ("federation_origin", "federation_trust_roots"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(self.key_of(name), "a string")
+        origin = self.federation_origin
+        if origin and not origin.startswith(("http://", "https://")):
+            raise ConfigError(self.key_of("federation_origin"), "an http(s):// origin")
+        _number(self, "federation_timeout", 1, 300)
+        _number(self, "zone_refresh", 1, 86400)
+        if not isinstance(self.zones, dict):
+            raise ConfigError("zones", "tables [zones.<id>]")
+        for zone_id, table in self.zones.items():
+            key = f"zones.{zone_id}"
+            if not str(zone_id).isdigit():
+                raise ConfigError(key, "a zone id is a whole number")
+            if not isinstance(table, dict) or set(table) - {"url"}:
+                raise ConfigError(key, "a table with url")
+            url = table.get("url", "")
+            if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
+                raise ConfigError(f"{key}.url", "a ws:// or wss:// URL of that zone's relay")
+
+    def zone_urls(self) -> dict[str, str]:
+        """Configured relay URLs by zone id."""
+        return {str(k): v["url"] for k, v in self.zones.items() if "url" in v}
 
     def port_range(self) -> tuple[int, int] | None:
         """C{tunnels.port_range} ("20000-20999") as a pair, or None."""

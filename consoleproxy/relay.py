@@ -35,16 +35,32 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
 from consoleproxy.consoles import Display
+from consoleproxy.federation import ZoneHop, connect_zone
 from consoleproxy.guacd import GuacdProtocol, HandshakeRequest, connect_guacd
 from consoleproxy.instructions import INTERNAL_OPCODE, InstructionError, elements, encode, split
 from consoleproxy.interfaces import ITunnels
 from consoleproxy.status import GuacamoleError, Status
-from consoleproxy.tokens import TokenAuthority, TokenError
+from consoleproxy.tokens import Claims, TokenAuthority, TokenError
 from consoleproxy.tunnels import Route
 from consoleproxy.websocket import RelayFactory, RelaySession
+from consoleproxy.zones import Zone, ZoneDirectory
 
 SUBPROTOCOL = "guacamole"
 _INTERNAL_PREFIX = f"{len(INTERNAL_OPCODE)}.{INTERNAL_OPCODE}"
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """
+    How this proxy reaches other zones' proxies.
+
+    @ivar origin: the Origin header presented to them (they allow it).
+    @ivar trust_roots: for wss: (C{None}: the platform's).
+    """
+
+    origin: str | None = None
+    trust_roots: Any = None
+    timeout: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,8 @@ class GuacamoleRelayProtocol(RelaySession):
     def __init__(self) -> None:
         super().__init__()
         self._guacd: GuacdProtocol | None = None
+        self._hop: ZoneHop | None = None
+        self._zone: str | None = None
         self._tunnel_id = ""
 
     # -- opening -------------------------------------------------------------------
@@ -77,9 +95,13 @@ class GuacamoleRelayProtocol(RelaySession):
         if SUBPROTOCOL not in request.protocols:
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "subprotocol 'guacamole' required")
         try:
-            self._claims = self.factory.tokens.open(_single(request.params, "token"))
+            zone = _optional(request.params, "zone")
+            token = _single(request.params, "token")
+            if zone is not None and zone != self.factory.local_zone:
+                return self._via_zone(request, zone, token)
+            self._claims = self._open_local(token, zone)
             display = Display.from_query(request.params, self._claims.console.console_type)
-            if self._claims.console.zone is not None:
+            if self._claims.console.zone not in (None, self.factory.local_zone):
                 raise GuacamoleError(
                     Status.CLIENT_FORBIDDEN,
                     f"token is for zone {self._claims.console.zone}, not this one",
@@ -122,6 +144,101 @@ class GuacamoleRelayProtocol(RelaySession):
         )
         return self._connecting
 
+    def _open_local(self, token: str, zone: str | None) -> Claims:
+        """A token for a console of this zone: minted here, or by another zone for this one."""
+        if zone is not None:
+            try:
+                return self.factory.tokens.open(token, zone)
+            except TokenError as e:
+                if e.reason != "tampered":
+                    raise
+        return self.factory.tokens.open(token)
+
+    def _via_zone(self, request: ConnectionRequest, zone: str, token: str) -> Any:
+        """A console of another zone: open the token for it, then hop to its proxy."""
+        try:
+            self._claims = self.factory.tokens.open(token, zone)
+            display = Display.from_query(request.params, self._claims.console.console_type)
+        except TokenError as e:
+            self.factory.refused_token(e.reason)
+            return self._refuse(Status.CLIENT_UNAUTHORIZED, f"token refused ({e.reason})")
+        except GuacamoleError as e:
+            return self._refuse(e.status, str(e))
+        directory, hop = self.factory.zones, self.factory.federation
+        if directory is None or hop is None:
+            return self._refuse(Status.RESOURCE_NOT_FOUND, f"zone {zone} is unknown")
+        self._zone = zone
+        query = {
+            "token": token,
+            "zone": zone,
+            "width": str(display.width),
+            "height": str(display.height),
+            "dpi": str(display.dpi),
+            **display.parameters,
+        }
+        self.transport.pauseProducing()
+        self._pending = True
+
+        def reach(found: Zone) -> Deferred[ZoneHop]:
+            assert found.url is not None
+            return connect_zone(
+                self.factory.clock,
+                found.url,
+                query,
+                origin=hop.origin,
+                trust_roots=hop.trust_roots,
+                timeout=hop.timeout,
+                max_message_size=self.factory.max_message_size,
+            )
+
+        return (
+            directory.lookup(zone)
+            .addCallback(reach)
+            .addCallbacks(self._zone_ready, self._setup_failed)
+        )
+
+    def _zone_ready(self, hop: ZoneHop) -> str:
+        self._pending = False
+        self._hop = hop
+        if self._gone:
+            hop.dropConnection()
+        return SUBPROTOCOL
+
+    def _open_via_zone(self, hop: ZoneHop) -> None:
+        claims = self._claims
+        assert claims is not None
+        self._opened_at = self.factory.clock.seconds()
+        self.factory.sessions.add(self)
+        self._log.info(
+            "Console opened: user={user} vm={vm} type={type} via zone {zone} peer={peer}",
+            user=claims.user,
+            vm=claims.console.vm_id,
+            type=claims.console.console_type,
+            zone=self._zone,
+            peer=self._peer,
+        )
+        hop.attach(self._from_zone, self._zone_closed)
+        if hop.transport is not None:
+            self.transport.registerProducer(hop.transport, True)
+            hop.transport.registerProducer(self.transport, True)
+
+    def _from_zone(self, payload: bytes, binary: bool) -> None:
+        if self.state == self.STATE_OPEN:
+            self.bytes_to_browser += len(payload)
+            self.sendMessage(payload, isBinary=binary)
+
+    def _zone_closed(self, code: int | None, reason: str | None) -> None:
+        """The remote zone closed: close the browser's side the same way."""
+        status = Status.parse(reason) if reason else Status.SUCCESS
+        if self._close_status is None:
+            self._close_status = (status, f"zone {self._zone} closed ({code})")
+        if self.transport is not None:
+            self.transport.unregisterProducer()
+        if self.state == self.STATE_OPEN:
+            self.sendCloseFrame(
+                code=code or 1000, reasonUtf8=(reason or "").encode()[:123], isReply=False
+            )
+
     def _guacd_ready(self, guacd: GuacdProtocol) -> str:
         self._connecting = None
         self._pending = False
@@ -130,6 +247,9 @@ class GuacamoleRelayProtocol(RelaySession):
 
     def onOpen(self) -> None:
         if self._closed_if_refused("Console"):
+            return
+        if self._hop is not None:
+            self._open_via_zone(self._hop)
             return
         guacd, claims = self._guacd, self._claims
         assert guacd is not None and claims is not None
@@ -176,6 +296,10 @@ class GuacamoleRelayProtocol(RelaySession):
         self.sendMessage(b"".join(batch), isBinary=False)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._hop is not None:  # the remote relay checks what the browser sends
+            self.bytes_from_browser += len(payload)
+            self._hop.sendMessage(payload, isBinary=isBinary)
+            return
         guacd = self._guacd
         if guacd is None or self._close_status is not None:
             return
@@ -209,6 +333,9 @@ class GuacamoleRelayProtocol(RelaySession):
         self._close(status)
 
     def _drop_upstream(self) -> None:
+        hop = self._hop
+        if hop is not None and hop.state == hop.STATE_OPEN:
+            hop.sendClose(1000)
         guacd = self._guacd
         if guacd is not None and guacd.transport is not None and not guacd.closed.called:
             self._linger_close(guacd.transport, guacd.closed)
@@ -220,7 +347,7 @@ class GuacamoleRelayProtocol(RelaySession):
         self.factory.sessions.discard(self)
         status, message = self._closing_summary(wasClean, code)
         claims, guacd = self._claims, self._guacd
-        assert claims is not None and guacd is not None
+        assert claims is not None
         self._log.info(
             "Console closed: user={user} vm={vm} type={type} guacd={conn} peer={peer} "
             "to_browser={down} from_browser={up} duration={duration:.1f}s "
@@ -228,7 +355,7 @@ class GuacamoleRelayProtocol(RelaySession):
             user=claims.user,
             vm=claims.console.vm_id,
             type=claims.console.console_type,
-            conn=guacd.connection_id,
+            conn=guacd.connection_id if guacd is not None else f"(via zone {self._zone})",
             peer=self._peer,
             down=self.bytes_to_browser,
             up=self.bytes_from_browser,
@@ -236,6 +363,13 @@ class GuacamoleRelayProtocol(RelaySession):
             status=int(status),
             why=message,
         )
+
+
+def _optional(query: Mapping[str, list[str]], name: str) -> str | None:
+    values = query.get(name) or []
+    if len(values) > 1:
+        raise GuacamoleError(Status.CLIENT_BAD_REQUEST, f"{name} given more than once")
+    return values[0] if values else None
 
 
 def _single(query: Mapping[str, list[str]], name: str) -> str:
@@ -257,6 +391,10 @@ class GuacamoleRelayFactory(RelayFactory):
         clock: IReactorTime,
         max_message_size: int = 65536,
         tunnels: ITunnels | None = None,
+        *,
+        local_zone: str = "0",
+        zones: ZoneDirectory | None = None,
+        federation: FederationSettings | None = None,
     ) -> None:
         super().__init__(
             tokens,
@@ -267,3 +405,6 @@ class GuacamoleRelayFactory(RelayFactory):
             tunnels=tunnels,
         )
         self.settings = settings
+        self.local_zone = local_zone
+        self.zones = zones
+        self.federation = federation

@@ -27,7 +27,7 @@ from consoleproxy.oned import Oned, ServerAdmin
 from consoleproxy.opennebula import OpenNebulaCloud, is_loopback
 from consoleproxy.opennebula_consoles import StatePolicy
 from consoleproxy.passwords import PasswordVerifier
-from consoleproxy.relay import GuacamoleRelayFactory, RelaySettings
+from consoleproxy.relay import FederationSettings, GuacamoleRelayFactory, RelaySettings
 from consoleproxy.rfb import PURPOSE as RFB_PURPOSE
 from consoleproxy.rfb import RfbRelayFactory, RfbRelayResource, RfbSettings
 from consoleproxy.ssh import SSHPool, SSHSettings, load_private_key
@@ -36,7 +36,8 @@ from consoleproxy.tunnels import TunnelRule, Tunnels, TunnelSettings
 from consoleproxy.web import ConsoleProxyWeb, build_site
 from consoleproxy.web_assets import StaticFiles
 from consoleproxy.websocket import RelayResource
-from consoleproxy.xmlrpc import XmlRpcClient
+from consoleproxy.xmlrpc import XmlRpcClient, load_trust_roots
+from consoleproxy.zones import ZoneDirectory
 
 log = Logger()
 
@@ -175,6 +176,9 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
         clock=reactor,
         max_message_size=config.max_message_size,
         tunnels=tunnels,
+        local_zone=str(config.one_zone),
+        zones=build_zones(config, cloud, reactor),
+        federation=build_federation(config),
     )
     rfb_tokens = rfb = None
     if config.rfb_enabled:
@@ -259,6 +263,36 @@ def build_cloud(config: Config, reactor: Any) -> Any:
         ),
         loopback_address=config.one_loopback_address or None,
         guacd_is_local=endpoint_is_local(config.guacd),
+    )
+
+
+def build_zones(config: Config, cloud: Any, reactor: Any) -> ZoneDirectory:
+    """
+    Other zones: the configured relay URLs, and oned's zone pool when the
+    OpenNebula backend has the server-admin credential to read it.
+    """
+    fetch_pool = None
+    if isinstance(cloud, OpenNebulaCloud) and cloud.server_admin is not None:
+        admin = cloud.server_admin
+
+        def fetch_pool() -> Any:
+            return cloud.oned.zonepool_info(admin.session(admin.user, reactor.seconds()))
+
+    return ZoneDirectory(reactor, config.zone_urls(), fetch_pool, refresh=config.zone_refresh)
+
+
+def build_federation(config: Config) -> FederationSettings:
+    """How to reach other zones' proxies (Origin, trust roots, timeout)."""
+    trust_roots = None
+    if config.federation_trust_roots:
+        try:
+            trust_roots = load_trust_roots(config.federation_trust_roots)
+        except (OSError, ValueError) as e:
+            raise ConfigError(Config.key_of("federation_trust_roots"), str(e)) from e
+    return FederationSettings(
+        origin=config.federation_origin or None,
+        trust_roots=trust_roots,
+        timeout=config.federation_timeout,
     )
 
 

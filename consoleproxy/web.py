@@ -66,6 +66,7 @@ class ConsoleProxyWeb:
 
     @router.route("/guacamole")
     @router.route("/fireedge/guacamole")
+    @router.route("/fireedge/external-guacamole")
     def guacamole(self, request: Request) -> Resource:
         """The Guacamole WebSocket relay."""
         return self.relay

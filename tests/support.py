@@ -111,6 +111,7 @@ def start_server(
     listen: str = "tcp:0:interface=127.0.0.1",
     http_timeout: float = 60,
     cloud: Any = None,
+    keyring: KeyRing | None = None,
 ):  # type: ignore[no-untyped-def]
     """
     Start consoleproxy on C{listen} (a server endpoint string) against guacd on
@@ -119,7 +120,7 @@ def start_server(
     directory = testcase.mktemp()
     if cloud is None:
         cloud = InventoryCloud(write_inventory(directory), synchronous_verifier())
-    tokens = TokenAuthority(KeyRing([os.urandom(32)]), clock, lifetime=lifetime)
+    tokens = TokenAuthority(keyring or KeyRing([os.urandom(32)]), clock, lifetime=lifetime)
     relay = GuacamoleRelayFactory(
         tokens,
         RelaySettings(
