@@ -334,8 +334,12 @@ class GuacamoleRelayProtocol(RelaySession):
 
     def _drop_upstream(self) -> None:
         hop = self._hop
-        if hop is not None and hop.state == hop.STATE_OPEN:
-            hop.sendClose(1000)
+        if hop is not None and hop.transport is not None:
+            if hop.state == hop.STATE_OPEN:
+                hop.sendClose(1000)
+            # Then close the socket: the remote gets the close frame, then FIN.
+            self._linger_close(hop.transport, hop.is_closed)
+            return
         guacd = self._guacd
         if guacd is not None and guacd.transport is not None and not guacd.closed.called:
             self._linger_close(guacd.transport, guacd.closed)

@@ -6,10 +6,13 @@ browser -> zone 0's proxy -> zone 1's proxy -> the fake guacd behind zone 1.
 from __future__ import annotations
 
 import os
+from typing import Any
+from xml.etree.ElementTree import Element
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import fail, inlineCallbacks, succeed
 from twisted.internet.ssl import Certificate
+from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -20,9 +23,9 @@ from consoleproxy.oned import Oned, ServerAdmin
 from consoleproxy.relay import FederationSettings
 from consoleproxy.status import GuacamoleError
 from consoleproxy.tokens import KeyRing
-from consoleproxy.xmlrpc import XmlRpcClient
+from consoleproxy.xmlrpc import XmlRpcClient, parse_xml
 from consoleproxy.zones import ZoneDirectory, relay_url
-from tests.fakeguacd import FakeGuacd
+from tests.fakeguacd import Behaviour, FakeGuacd
 from tests.fakeoned import FakeOned
 from tests.support import start_server, wait
 from tests.testca import make_tls_files
@@ -161,6 +164,31 @@ class EndToEndTests(FederationTestCase):
         self.assertEqual(self.guacd.connections, [])
 
 
+class BackpressureThroughZonesTests(FederationTestCase):
+    @inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        yield super().setUp()
+        self.guacd.behaviour = Behaviour(flood=True)
+
+    @inlineCallbacks
+    def test_browser_that_stops_reading_pauses_the_remote_guacd(self):  # type: ignore[no-untyped-def]
+        client = yield self.browser()
+        yield client.opened
+        conn = yield self.guacd.wait_for_connection()
+        yield client.wait_messages(2)
+        client.transport.pauseProducing()
+        yield wait(1.5)
+        produced = conn.flood.bytes
+        yield wait(0.5)
+        self.assertTrue(conn.flood.paused)
+        self.assertLess(conn.flood.bytes - produced, 1 << 20)
+        self.assertLess(conn.flood.bytes, 48 << 20)  # two hops of socket buffers at most
+        client.transport.resumeProducing()
+        before = len(client.messages)
+        yield wait(0.5)
+        self.assertGreater(len(client.messages), before)
+
+
 class RemoteRefusingTests(FederationTestCase):
     shared_key = False  # zone 1 cannot open zone 0's tokens
 
@@ -291,3 +319,48 @@ class ConfigurationTests(TestCase):
         ):
             error = self.assertRaises(ConfigError, Config.load, self.write(text))
             self.assertEqual(error.key, key)
+
+
+class ZoneDirectoryTests(SynchronousTestCase):
+    def pool(self, *zones: tuple[int, int, str]) -> Element:
+        body = "".join(
+            f"<ZONE><ID>{i}</ID><NAME>z{i}</NAME><STATE>{state}</STATE><TEMPLATE>"
+            f"<FIREEDGE_ENDPOINT><![CDATA[{endpoint}]]></FIREEDGE_ENDPOINT></TEMPLATE></ZONE>"
+            for i, state, endpoint in zones
+        )
+        return parse_xml(f"<ZONE_POOL>{body}</ZONE_POOL>")
+
+    def test_cached_then_refreshed_and_stale_when_oned_fails(self) -> None:
+        clock = Clock()
+        answers = [
+            succeed(self.pool((1, 0, "https://one.example.com/fireedge"))),
+            succeed(self.pool((1, 1, "https://one.example.com/fireedge"))),
+            fail(RuntimeError("oned down")),
+        ]
+        calls: list[int] = []
+
+        def fetch() -> Any:
+            calls.append(1)
+            return answers[len(calls) - 1]
+
+        directory = ZoneDirectory(clock, {}, fetch, refresh=60)
+        zone = self.successResultOf(directory.lookup("1"))
+        self.assertEqual(zone.url, "wss://one.example.com/fireedge/guacamole")
+        clock.advance(59)
+        self.successResultOf(directory.lookup("1"))
+        self.assertEqual(len(calls), 1)  # cached
+        clock.advance(1)
+        failure = self.failureResultOf(directory.lookup("1"), GuacamoleError)
+        self.assertIn("disabled", str(failure.value))  # refreshed: now disabled
+        clock.advance(60)
+        self.failureResultOf(directory.lookup("1"), GuacamoleError)  # oned down: last answer
+        self.assertEqual(len(calls), 3)
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_configuration_wins(self) -> None:
+        directory = ZoneDirectory(
+            Clock(),
+            {"1": "wss://fixed/guacamole"},
+            lambda: succeed(self.pool((1, 0, "https://one.example.com/fireedge"))),
+        )
+        self.assertEqual(self.successResultOf(directory.lookup("1")).url, "wss://fixed/guacamole")
