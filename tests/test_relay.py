@@ -280,7 +280,7 @@ class RefusalTests(RelayTestCase):
             "?token=",
             "?token=garbage",
             f"?token={good[:-2]}",
-            f"?token={good[:10]}A{good[11:]}",
+            f"?token={good[:10]}{'B' if good[10] == 'A' else 'A'}{good[11:]}",  # one changed
             f"?token={good}&token={good}",
         ):
             yield self.assertRefusedBeforeGuacd(self.server.ws_url(f"/guacamole{query}"))
