@@ -219,6 +219,18 @@ def _secret(value: str, decrypted: str | None, what: str, vm: Element) -> str:
     return value
 
 
+def _context_password(vm: Element, secrets: Secrets, parameters: dict[str, str]) -> None:
+    """CONTEXT/PASSWORD, decrypted when it must be, into C{parameters}."""
+    password = _secret(
+        _context(vm, "PASSWORD"),
+        _decrypted(secrets.vm, "TEMPLATE/CONTEXT/PASSWORD"),
+        "CONTEXT/PASSWORD",
+        vm,
+    )
+    if password:
+        parameters["password"] = password
+
+
 def ssh_parameters(vm: Element, user: Element | None, secrets: Secrets) -> dict[str, str]:
     """guacd ``ssh`` settings; C{user} is the requesting user's document."""
     nic = _flagged_nic(vm, "SSH")
@@ -248,14 +260,7 @@ def ssh_parameters(vm: Element, user: Element | None, secrets: Secrets) -> dict[
             if passphrase:
                 parameters["passphrase"] = passphrase
             return parameters
-    password = _secret(
-        _context(vm, "PASSWORD"),
-        _decrypted(secrets.vm, "TEMPLATE/CONTEXT/PASSWORD"),
-        "CONTEXT/PASSWORD",
-        vm,
-    )
-    if password:
-        parameters["password"] = password
+    _context_password(vm, secrets, parameters)
     return parameters
 
 
@@ -282,12 +287,5 @@ def rdp_parameters(vm: Element, secrets: Secrets) -> dict[str, str]:
     username = _context(vm, "USERNAME")
     if username:
         parameters["username"] = username
-    password = _secret(
-        _context(vm, "PASSWORD"),
-        _decrypted(secrets.vm, "TEMPLATE/CONTEXT/PASSWORD"),
-        "CONTEXT/PASSWORD",
-        vm,
-    )
-    if password:
-        parameters["password"] = password
+    _context_password(vm, secrets, parameters)
     return parameters
