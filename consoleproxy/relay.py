@@ -26,7 +26,6 @@ Life of a session (Apache's Java tunnel is the model):
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +41,7 @@ from consoleproxy.interfaces import ITunnels
 from consoleproxy.status import GuacamoleError, Status
 from consoleproxy.tokens import Claims, TokenAuthority, TokenError
 from consoleproxy.tunnels import Route
-from consoleproxy.websocket import RelayFactory, RelaySession
+from consoleproxy.websocket import RelayFactory, RelaySession, query_value, token_value
 from consoleproxy.zones import Zone, ZoneDirectory
 
 SUBPROTOCOL = "guacamole"
@@ -95,8 +94,8 @@ class GuacamoleRelayProtocol(RelaySession):
         if SUBPROTOCOL not in request.protocols:
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "subprotocol 'guacamole' required")
         try:
-            zone = _optional(request.params, "zone")
-            token = _single(request.params, "token")
+            zone = query_value(request.params, "zone")
+            token = token_value(request.params)
             if zone is not None and zone != self.factory.local_zone:
                 return self._via_zone(request, zone, token)
             self._claims = self._open_local(token, zone)
@@ -207,8 +206,7 @@ class GuacamoleRelayProtocol(RelaySession):
     def _open_via_zone(self, hop: ZoneHop) -> None:
         claims = self._claims
         assert claims is not None
-        self._opened_at = self.factory.clock.seconds()
-        self.factory.sessions.add(self)
+        self._mark_open()
         self._log.info(
             "Console opened: user={user} vm={vm} type={type} via zone {zone} peer={peer}",
             user=claims.user,
@@ -218,9 +216,7 @@ class GuacamoleRelayProtocol(RelaySession):
             peer=self._peer,
         )
         hop.attach(self._from_zone, self._zone_closed)
-        if hop.transport is not None:
-            self.transport.registerProducer(hop.transport, True)
-            hop.transport.registerProducer(self.transport, True)
+        self._couple(hop.transport)
 
     def _from_zone(self, payload: bytes, binary: bool) -> None:
         if self.state == self.STATE_OPEN:
@@ -253,9 +249,8 @@ class GuacamoleRelayProtocol(RelaySession):
             return
         guacd, claims = self._guacd, self._claims
         assert guacd is not None and claims is not None
-        self._opened_at = self.factory.clock.seconds()
+        self._mark_open()
         self._tunnel_id = str(uuid.uuid4())
-        self.factory.sessions.add(self)
         self._log.info(
             "Console opened: user={user} vm={vm} type={type} guacd={conn} peer={peer}",
             user=claims.user,
@@ -266,10 +261,7 @@ class GuacamoleRelayProtocol(RelaySession):
         )
         self._send(encode(INTERNAL_OPCODE, self._tunnel_id))
         guacd.attach(self._send, self._guacd_closed)
-        if self._guacd is not None and guacd.transport is not None:
-            # Each side's transport pauses the other: bounded memory per session.
-            self.transport.registerProducer(guacd.transport, True)
-            guacd.transport.registerProducer(self.transport, True)
+        self._couple(guacd.transport)
 
     # -- relaying ------------------------------------------------------------------
 
@@ -367,20 +359,6 @@ class GuacamoleRelayProtocol(RelaySession):
             status=int(status),
             why=message,
         )
-
-
-def _optional(query: Mapping[str, list[str]], name: str) -> str | None:
-    values = query.get(name) or []
-    if len(values) > 1:
-        raise GuacamoleError(Status.CLIENT_BAD_REQUEST, f"{name} given more than once")
-    return values[0] if values else None
-
-
-def _single(query: Mapping[str, list[str]], name: str) -> str:
-    values = query.get(name) or []
-    if len(values) != 1:
-        raise TokenError("malformed")
-    return values[0]
 
 
 class GuacamoleRelayFactory(RelayFactory):

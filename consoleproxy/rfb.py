@@ -58,7 +58,7 @@ from consoleproxy.interfaces import ITunnels
 from consoleproxy.status import GuacamoleError, Status
 from consoleproxy.tokens import TokenAuthority, TokenError
 from consoleproxy.tunnels import Route
-from consoleproxy.websocket import RelayFactory, RelayResource, RelaySession
+from consoleproxy.websocket import RelayFactory, RelayResource, RelaySession, token_value
 
 SUBPROTOCOL = "binary"
 #: The token purpose of raw VNC tokens (a key of their own, derived from the key file).
@@ -515,10 +515,7 @@ class RfbRelayProtocol(RelaySession):
         if SUBPROTOCOL not in request.protocols:
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "subprotocol 'binary' required")
         try:
-            values = request.params.get("token") or []
-            if len(values) != 1:
-                raise TokenError("malformed")
-            self._claims = self.factory.tokens.open(values[0])
+            self._claims = self.factory.tokens.open(token_value(request.params))
             console = self._claims.console
             if console.console_type != "vnc":
                 raise GuacamoleError(Status.CLIENT_FORBIDDEN, "raw VNC tokens are for VNC only")
@@ -568,8 +565,7 @@ class RfbRelayProtocol(RelaySession):
             return
         upstream, claims = self._upstream, self._claims
         assert upstream is not None and claims is not None
-        self._opened_at = self.factory.clock.seconds()
-        self.factory.sessions.add(self)
+        self._mark_open()
         self._log.info(
             "Raw VNC console opened: user={user} vm={vm} rfb={major}.{minor} "
             "security={security} peer={peer}",
@@ -638,9 +634,7 @@ class RfbRelayProtocol(RelaySession):
         if leftover:
             upstream.transport.write(leftover)
         upstream.attach(self._send, self._upstream_lost)
-        # Each side's transport pauses the other: bounded memory per session.
-        self.transport.registerProducer(upstream.transport, True)
-        upstream.transport.registerProducer(self.transport, True)
+        self._couple(upstream.transport)
 
     # -- relaying ------------------------------------------------------------------
 

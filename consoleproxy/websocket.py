@@ -17,6 +17,7 @@ and the raw VNC relay (rfb.py).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from autobahn.twisted.resource import WebSocketResource
@@ -31,7 +32,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from consoleproxy.interfaces import ITunnels
 from consoleproxy.routing import json_body
 from consoleproxy.status import GuacamoleError, Status
-from consoleproxy.tokens import Claims, TokenAuthority
+from consoleproxy.tokens import Claims, TokenAuthority, TokenError
 from consoleproxy.tunnels import DirectRoutes, Route
 
 # Autobahn's own failures carry text reasons; the browser needs the status.
@@ -206,6 +207,17 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         self._close(status)
         return True
 
+    def _mark_open(self) -> None:
+        """The session is open: count it and start its clock."""
+        self._opened_at = self.factory.clock.seconds()
+        self.factory.sessions.add(self)
+
+    def _couple(self, upstream: Any) -> None:
+        """Each side's transport pauses the other: bounded memory per session."""
+        if upstream is not None:
+            self.transport.registerProducer(upstream, True)
+            upstream.registerProducer(self.transport, True)
+
     # -- closing -------------------------------------------------------------------
 
     def _tunnel_lost(self, error: GuacamoleError) -> None:
@@ -275,6 +287,28 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         self._drop_upstream()
         if self._route is not None:
             self._route.close()
+
+
+def query_value(query: Mapping[str, list[str]], name: str) -> str | None:
+    """A query parameter given at most once.
+
+    @raise GuacamoleError: CLIENT_BAD_REQUEST when it is repeated.
+    """
+    values = query.get(name) or []
+    if len(values) > 1:
+        raise GuacamoleError(Status.CLIENT_BAD_REQUEST, f"{name} given more than once")
+    return values[0] if values else None
+
+
+def token_value(query: Mapping[str, list[str]]) -> str:
+    """The ``token`` parameter, exactly once.
+
+    @raise TokenError: C{malformed} when missing or repeated.
+    """
+    values = query.get("token") or []
+    if len(values) != 1:
+        raise TokenError("malformed")
+    return values[0]
 
 
 class RelayResource(WebSocketResource):

@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from argon2 import PasswordHasher
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import clientFromString, serverFromString
@@ -21,10 +20,7 @@ from consoleproxy.tokens import KeyRing, TokenAuthority
 from consoleproxy.web import ConsoleProxyWeb, build_site
 from consoleproxy.web_assets import StaticFiles
 from consoleproxy.websocket import RelayResource
-from tests.support import synchronous_verifier, write_inventory
-
-# Cheap Argon2 parameters: the tests check logic, not cost.
-_quick = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+from tests.support import quick_hash, synchronous_verifier, write_inventory
 
 #: alice/wonderland may open VM 7 (VNC at the port given) and VM 8 (SSH); bob/builder none.
 CONSOLE_INVENTORY = """
@@ -51,8 +47,8 @@ password = "x"
 def console_inventory(vnc_port: int = 1, vnc_password: str = "vncpw") -> str:
     """The inventory text of L{CONSOLE_INVENTORY}."""
     return CONSOLE_INVENTORY.format(
-        alice=_quick.hash("wonderland"),
-        bob=_quick.hash("builder"),
+        alice=quick_hash("wonderland"),
+        bob=quick_hash("builder"),
         vnc_port=vnc_port,
         vnc_password=vnc_password,
     )

@@ -56,9 +56,14 @@ ignore-cert = true
 """
 
 
+def quick_hash(password: str) -> str:
+    """An Argon2id hash made cheaply (tests check logic, not cost)."""
+    return _quick.hash(password)
+
+
 def inventory_text() -> str:
     """The test inventory: alice/wonderland may open VM 7, everyone VM 8."""
-    return INVENTORY.format(alice=_quick.hash("wonderland"), bob=_quick.hash("builder"))
+    return INVENTORY.format(alice=quick_hash("wonderland"), bob=quick_hash("builder"))
 
 
 def write_inventory(directory: str, text: str | None = None) -> str:
