@@ -20,7 +20,7 @@ from twisted.web.server import Request
 from consoleproxy.consoles import CONSOLE_TYPES, Console, Identity
 from consoleproxy.errors import ApiError, BadRequest, NotFound, Unauthenticated
 from consoleproxy.interfaces import IAuthenticator, ICloud
-from consoleproxy.routing import client_address, json_body
+from consoleproxy.routing import client_of, json_body
 from consoleproxy.tokens import TokenAuthority
 
 _MAX_VM_ID = 2**31 - 1  # oned's ids are C ints
@@ -76,7 +76,7 @@ class TokenApi:
                 why=e.message,
                 vm=vm_id[:32],
                 type=console_type[:16],
-                peer=client_address(request),
+                peer=str(client_of(request)),
             )
             return json_body(request, e.status, e.title, e.message)
         authority = self.rfb_tokens if mode == "rfb" else self.tokens
@@ -88,7 +88,7 @@ class TokenApi:
             vm=number,
             type=console_type,
             mode=mode,
-            peer=client_address(request),
+            peer=str(client_of(request)),
         )
         return json_body(request, 200, "OK", token)
 

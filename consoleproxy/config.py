@@ -8,10 +8,15 @@ L{ConfigError} naming the key and the problem.
 
 The keys, by section (see ``consoleproxy/examples/consoleproxy.toml``)::
 
-    [server]    listen (list of endpoint strings), http_timeout
+    [server]    listen (list of endpoint strings), http_timeout, request_timeout,
+                max_header_bytes, max_body_bytes, trusted_proxies, drain_grace
     [guacd]     endpoint, handshake_timeout, timezone
     [tokens]    key_file, lifetime
-    [relay]     max_message_size
+    [relay]     max_message_size, allowed_origins, allow_missing_origin,
+                max_sessions, max_sessions_per_user, idle_timeout,
+                session_timeout, ping_interval
+    [api]       rate, burst (per client address)
+    [operations] metrics_allow, audit_log, ready_timeout
     [rfb]       enabled (the raw VNC relay for noVNC), handshake_timeout
     [console]   node_modules (where npm installed the page's libraries)
     [cloud]     backend ("inventory" or "opennebula")
@@ -42,8 +47,10 @@ from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 from zope.interface import implementer
 
+from consoleproxy.clients import networks
 from consoleproxy.guacd import default_timezone
 from consoleproxy.opennebula_consoles import RUNNING_ONLY, VNC_LCM_STATES
+from consoleproxy.origins import OriginPolicy
 
 
 class ConfigError(ValueError):
@@ -72,12 +79,37 @@ class Config:
         default_factory=lambda: ["tcp:2616:interface=127.0.0.1"], metadata=_key("server.listen")
     )
     http_timeout: float = field(default=60.0, metadata=_key("server.http_timeout"))
+    request_timeout: float = field(default=10.0, metadata=_key("server.request_timeout"))
+    max_header_bytes: int = field(default=16384, metadata=_key("server.max_header_bytes"))
+    max_body_bytes: int = field(default=65536, metadata=_key("server.max_body_bytes"))
+    trusted_proxies: list[str] = field(
+        default_factory=list, metadata=_key("server.trusted_proxies")
+    )
+    drain_grace: float = field(default=30.0, metadata=_key("server.drain_grace"))
     guacd: str = field(default="tcp:127.0.0.1:4822", metadata=_key("guacd.endpoint"))
     handshake_timeout: float = field(default=15.0, metadata=_key("guacd.handshake_timeout"))
     timezone: str = field(default_factory=default_timezone, metadata=_key("guacd.timezone"))
     key_file: str = field(default="consoleproxy.keys", metadata=_key("tokens.key_file"))
     token_lifetime: float = field(default=60.0, metadata=_key("tokens.lifetime"))
     max_message_size: int = field(default=65536, metadata=_key("relay.max_message_size"))
+    allowed_origins: list[str] = field(
+        default_factory=lambda: ["http://127.0.0.1:2616", "http://localhost:2616"],
+        metadata=_key("relay.allowed_origins"),
+    )
+    allow_missing_origin: bool = field(default=False, metadata=_key("relay.allow_missing_origin"))
+    max_sessions: int = field(default=10000, metadata=_key("relay.max_sessions"))
+    max_sessions_per_user: int = field(default=20, metadata=_key("relay.max_sessions_per_user"))
+    idle_timeout: float = field(default=0.0, metadata=_key("relay.idle_timeout"))
+    session_timeout: float = field(default=0.0, metadata=_key("relay.session_timeout"))
+    ping_interval: float = field(default=30.0, metadata=_key("relay.ping_interval"))
+    api_rate: float = field(default=2.0, metadata=_key("api.rate"))
+    api_burst: int = field(default=20, metadata=_key("api.burst"))
+    metrics_allow: list[str] = field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+        metadata=_key("operations.metrics_allow"),
+    )
+    audit_log: str = field(default="", metadata=_key("operations.audit_log"))
+    ready_timeout: float = field(default=2.0, metadata=_key("operations.ready_timeout"))
     rfb_enabled: bool = field(default=True, metadata=_key("rfb.enabled"))
     rfb_handshake_timeout: float = field(default=15.0, metadata=_key("rfb.handshake_timeout"))
     node_modules: str = field(default="", metadata=_key("console.node_modules"))
@@ -180,6 +212,7 @@ class Config:
         if not self.listen or not all(isinstance(s, str) and s for s in self.listen):
             raise ConfigError(self.key_of("listen"), "a non-empty list of endpoint strings")
         _number(self, "http_timeout", 1, 86400)
+        self._check_hardening()
         _number(self, "handshake_timeout", 1, 300)
         _number(self, "rfb_handshake_timeout", 1, 300)
         if not isinstance(self.rfb_enabled, bool):
@@ -213,6 +246,41 @@ class Config:
                 isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1000 for s in states
             ):
                 raise ConfigError(self.key_of(name), "a list of LCM_STATE numbers")
+
+    def _check_hardening(self) -> None:
+        _number(self, "request_timeout", 1, 3600)
+        _whole(self, "max_header_bytes", 1024, 1048576)
+        _whole(self, "max_body_bytes", 0, 16777216)
+        _number(self, "drain_grace", 0, 86400)
+        _whole(self, "max_sessions", 1, 1000000)
+        _whole(self, "max_sessions_per_user", 1, 1000000)
+        _number(self, "idle_timeout", 0, 30 * 86400)
+        _number(self, "session_timeout", 0, 30 * 86400)
+        _number(self, "ping_interval", 0, 3600)
+        _number(self, "api_rate", 0.001, 1000000)
+        _whole(self, "api_burst", 1, 1000000)
+        _number(self, "ready_timeout", 0.1, 60)
+        if not isinstance(self.allow_missing_origin, bool):
+            raise ConfigError(self.key_of("allow_missing_origin"), "true or false")
+        if not isinstance(self.audit_log, str):
+            raise ConfigError(self.key_of("audit_log"), 'a path, "-" (standard output) or ""')
+        for name in ("allowed_origins", "trusted_proxies", "metrics_allow"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise ConfigError(self.key_of(name), "a list of strings")
+        try:
+            self.origin_policy()
+        except ValueError as e:
+            raise ConfigError(self.key_of("allowed_origins"), str(e)) from e
+        for name in ("trusted_proxies", "metrics_allow"):
+            try:
+                networks(getattr(self, name))
+            except ValueError as e:
+                raise ConfigError(self.key_of(name), str(e)) from e
+
+    def origin_policy(self) -> OriginPolicy:
+        """C{relay.allowed_origins} and C{relay.allow_missing_origin} as a policy."""
+        return OriginPolicy(self.allowed_origins, allow_missing=self.allow_missing_origin)
 
     def _check_tunnels(self) -> None:
         modes = ("direct", "ssh", "auto")

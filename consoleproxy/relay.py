@@ -41,11 +41,19 @@ from consoleproxy.interfaces import ITunnels
 from consoleproxy.status import GuacamoleError, Status
 from consoleproxy.tokens import Claims, TokenAuthority, TokenError
 from consoleproxy.tunnels import Route
-from consoleproxy.websocket import RelayFactory, RelaySession, query_value, token_value
+from consoleproxy.websocket import (
+    RelayFactory,
+    RelayPolicy,
+    RelaySession,
+    query_value,
+    token_value,
+)
 from consoleproxy.zones import Zone, ZoneDirectory
 
 SUBPROTOCOL = "guacamole"
 _INTERNAL_PREFIX = f"{len(INTERNAL_OPCODE)}.{INTERNAL_OPCODE}"
+#: What guacamole-common-js sends by itself, without the user: not input.
+_NOT_INPUT = ("4.sync,", "3.nop;", "3.ack,")
 
 
 @dataclass(frozen=True)
@@ -90,10 +98,10 @@ class GuacamoleRelayProtocol(RelaySession):
     # -- opening -------------------------------------------------------------------
 
     def onConnect(self, request: ConnectionRequest) -> Any:
-        self._peer = request.peer
         if SUBPROTOCOL not in request.protocols:
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "subprotocol 'guacamole' required")
         try:
+            self._admit(request)
             zone = query_value(request.params, "zone")
             token = token_value(request.params)
             if zone is not None and zone != self.factory.local_zone:
@@ -105,6 +113,7 @@ class GuacamoleRelayProtocol(RelaySession):
                     Status.CLIENT_FORBIDDEN,
                     f"token is for zone {self._claims.console.zone}, not this one",
                 )
+            self._reserve(self._claims.user)
         except TokenError as e:
             self.factory.refused_token(e.reason)
             return self._refuse(Status.CLIENT_UNAUTHORIZED, f"token refused ({e.reason})")
@@ -158,6 +167,7 @@ class GuacamoleRelayProtocol(RelaySession):
         try:
             self._claims = self.factory.tokens.open(token, zone)
             display = Display.from_query(request.params, self._claims.console.console_type)
+            self._reserve(self._claims.user)
         except TokenError as e:
             self.factory.refused_token(e.reason)
             return self._refuse(Status.CLIENT_UNAUTHORIZED, f"token refused ({e.reason})")
@@ -206,7 +216,7 @@ class GuacamoleRelayProtocol(RelaySession):
     def _open_via_zone(self, hop: ZoneHop) -> None:
         claims = self._claims
         assert claims is not None
-        self._mark_open()
+        self._mark_open(zone=self._zone)
         self._log.info(
             "Console opened: user={user} vm={vm} type={type} via zone {zone} peer={peer}",
             user=claims.user,
@@ -249,7 +259,7 @@ class GuacamoleRelayProtocol(RelaySession):
             return
         guacd, claims = self._guacd, self._claims
         assert guacd is not None and claims is not None
-        self._mark_open()
+        self._mark_open(connection_id=guacd.connection_id)
         self._tunnel_id = str(uuid.uuid4())
         self._log.info(
             "Console opened: user={user} vm={vm} type={type} guacd={conn} peer={peer}",
@@ -290,6 +300,7 @@ class GuacamoleRelayProtocol(RelaySession):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._hop is not None:  # the remote relay checks what the browser sends
             self.bytes_from_browser += len(payload)
+            self._touch()  # (and judges what is input; here every message counts)
             self._hop.sendMessage(payload, isBinary=isBinary)
             return
         guacd = self._guacd
@@ -314,6 +325,8 @@ class GuacamoleRelayProtocol(RelaySession):
                 continue
             forward.append(instruction)
         if forward:
+            if not all(i.startswith(_NOT_INPUT) for i in forward):
+                self._touch()
             guacd.send("".join(forward))
 
     # -- closing -------------------------------------------------------------------
@@ -340,8 +353,8 @@ class GuacamoleRelayProtocol(RelaySession):
         self._release()
         if self._opened_at is None:
             return
-        self.factory.sessions.discard(self)
         status, message = self._closing_summary(wasClean, code)
+        self._report_closed(status, message)
         claims, guacd = self._claims, self._guacd
         assert claims is not None
         self._log.info(
@@ -365,6 +378,7 @@ class GuacamoleRelayFactory(RelayFactory):
     """Builds Guacamole relay sessions; holds what they share."""
 
     protocol = GuacamoleRelayProtocol
+    relay_name = "guacamole"
 
     def __init__(
         self,
@@ -377,6 +391,7 @@ class GuacamoleRelayFactory(RelayFactory):
         local_zone: str = "0",
         zones: ZoneDirectory | None = None,
         federation: FederationSettings | None = None,
+        policy: RelayPolicy | None = None,
     ) -> None:
         super().__init__(
             tokens,
@@ -385,6 +400,7 @@ class GuacamoleRelayFactory(RelayFactory):
             linger=settings.linger,
             max_message_size=max_message_size,
             tunnels=tunnels,
+            policy=policy,
         )
         self.settings = settings
         self.local_zone = local_zone

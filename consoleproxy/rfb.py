@@ -55,10 +55,17 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from consoleproxy.interfaces import ITunnels
+from consoleproxy.rfb_input import RfbInputWatch
 from consoleproxy.status import GuacamoleError, Status
 from consoleproxy.tokens import TokenAuthority, TokenError
 from consoleproxy.tunnels import Route
-from consoleproxy.websocket import RelayFactory, RelayResource, RelaySession, token_value
+from consoleproxy.websocket import (
+    RelayFactory,
+    RelayPolicy,
+    RelayResource,
+    RelaySession,
+    token_value,
+)
 
 SUBPROTOCOL = "binary"
 #: The token purpose of raw VNC tokens (a key of their own, derived from the key file).
@@ -507,14 +514,16 @@ class RfbRelayProtocol(RelaySession):
         self._browser_version: tuple[int, int] | None = None
         self._inbox = bytearray()
         self._greeting_timer: IDelayedCall | None = None
+        #: Watches for user input when there is an idle timeout.
+        self._input: RfbInputWatch | None = None
 
     # -- opening -------------------------------------------------------------------
 
     def onConnect(self, request: ConnectionRequest) -> Any:
-        self._peer = request.peer
         if SUBPROTOCOL not in request.protocols:
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "subprotocol 'binary' required")
         try:
+            self._admit(request)
             self._claims = self.factory.tokens.open(token_value(request.params))
             console = self._claims.console
             if console.console_type != "vnc":
@@ -523,6 +532,7 @@ class RfbRelayProtocol(RelaySession):
                 raise GuacamoleError(
                     Status.CLIENT_FORBIDDEN, f"token is for zone {console.zone}, not this one"
                 )
+            self._reserve(self._claims.user)
         except TokenError as e:
             self.factory.refused_token(e.reason)
             return self._refuse(Status.CLIENT_UNAUTHORIZED, f"token refused ({e.reason})")
@@ -631,8 +641,10 @@ class RfbRelayProtocol(RelaySession):
         if upstream.transport is None or upstream.closed.called:
             return  # already gone: _upstream_gone_early closes the browser
         leftover, self._inbox = bytes(self._inbox), bytearray()
+        if self.factory.policy.idle_timeout > 0:
+            self._input = RfbInputWatch()
         if leftover:
-            upstream.transport.write(leftover)
+            self._from_browser(leftover)
         upstream.attach(self._send, self._upstream_lost)
         self._couple(upstream.transport)
 
@@ -655,15 +667,21 @@ class RfbRelayProtocol(RelaySession):
             self._end(Status.CLIENT_BAD_TYPE, "browser sent a text message")
             return
         if self._phase == "relaying":
-            transport = self._upstream.transport
-            if transport is not None:
-                transport.write(payload)
+            self._from_browser(payload)
             return
         self._inbox += payload
         if len(self._inbox) > 64:
             self._end(Status.CLIENT_BAD_REQUEST, "browser sent too much during the handshake")
             return
         self._greet()
+
+    def _from_browser(self, data: bytes) -> None:
+        """Relay the browser's RFB bytes, noting user input for the idle timeout."""
+        if self._input is not None and self._input.feed(data):
+            self._touch()
+        upstream = self._upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.write(data)
 
     # -- closing -------------------------------------------------------------------
 
@@ -695,8 +713,8 @@ class RfbRelayProtocol(RelaySession):
         self._release()
         if self._opened_at is None:
             return
-        self.factory.sessions.discard(self)
         status, message = self._closing_summary(wasClean, code)
+        self._report_closed(status, message)
         claims = self._claims
         assert claims is not None
         self._log.info(
@@ -717,6 +735,7 @@ class RfbRelayFactory(RelayFactory):
     """Builds raw VNC sessions; holds what they share."""
 
     protocol = RfbRelayProtocol
+    relay_name = "rfb"
 
     def __init__(
         self,
@@ -724,6 +743,7 @@ class RfbRelayFactory(RelayFactory):
         settings: RfbSettings,
         clock: IReactorTime,
         max_message_size: int = 65536,
+        policy: RelayPolicy | None = None,
     ) -> None:
         super().__init__(
             tokens,
@@ -732,6 +752,7 @@ class RfbRelayFactory(RelayFactory):
             linger=settings.linger,
             max_message_size=max_message_size,
             tunnels=settings.tunnels,
+            policy=policy,
         )
         self.settings = settings
 

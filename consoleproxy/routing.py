@@ -19,22 +19,32 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from consoleproxy.clients import Client, ClientAddresses
+
 _SEGMENT = re.compile(r"<([a-z_][a-z0-9_]*)>")
 
 
-def client_address(request: Request) -> str:
-    """The client as Autobahn names peers: ``tcp4:HOST:PORT``, ``tcp6:...``, ``unix``."""
-    address = request.getClientAddress()
-    if isinstance(address, IPv4Address | IPv6Address):
-        return f"tcp{4 if isinstance(address, IPv4Address) else 6}:{address.host}:{address.port}"
-    return type(address).__name__
+_DIRECT = ClientAddresses()
+
+
+def client_of(request: Request) -> Client:
+    """
+    The real client of a request (behind a trusted frontend: the one it
+    names), as the site's L{ClientAddresses} finds it; kept on the request.
+    """
+    client = getattr(request, "_consoleproxy_client", None)
+    if client is None:
+        site = getattr(request.channel, "site", None) if request.channel is not None else None
+        clients = getattr(site, "clients", None) or _DIRECT
+        client = clients.of_request(request)
+        request._consoleproxy_client = client  # type: ignore[attr-defined]
+    return client
 
 
 def json_body(request: Request, status: int, message: str, data: Any) -> bytes:

@@ -10,6 +10,8 @@ parts together.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +22,27 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from consoleproxy.api import TokenApi
+from consoleproxy.clients import ClientAddresses, networks
 from consoleproxy.config import Config, ConfigError, example_path
 from consoleproxy.console_page import ConsoleModes, ConsolePage, GuacdProbe
+from consoleproxy.http_channel import HttpLimits
 from consoleproxy.inventory import InventoryCloud, InventoryError
 from consoleproxy.oned import Oned, ServerAdmin
 from consoleproxy.opennebula import OpenNebulaCloud, is_loopback
 from consoleproxy.opennebula_consoles import StatePolicy
 from consoleproxy.passwords import PasswordVerifier
+from consoleproxy.ratelimit import RateLimiter
 from consoleproxy.relay import FederationSettings, GuacamoleRelayFactory, RelaySettings
 from consoleproxy.rfb import PURPOSE as RFB_PURPOSE
 from consoleproxy.rfb import RfbRelayFactory, RfbRelayResource, RfbSettings
+from consoleproxy.session_events import SessionEvents
+from consoleproxy.sessions import SessionTable
 from consoleproxy.ssh import SSHPool, SSHSettings, load_private_key
 from consoleproxy.tokens import KeyFileError, KeyRing, TokenAuthority
 from consoleproxy.tunnels import TunnelRule, Tunnels, TunnelSettings
-from consoleproxy.web import ConsoleProxyWeb, build_site
+from consoleproxy.web import ConsoleProxyWeb, Operations, build_site
 from consoleproxy.web_assets import StaticFiles
-from consoleproxy.websocket import RelayResource
+from consoleproxy.websocket import RelayPolicy, RelayResource
 from consoleproxy.xmlrpc import XmlRpcClient, load_trust_roots
 from consoleproxy.zones import ZoneDirectory
 
@@ -166,6 +173,20 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
     cloud = build_cloud(config, reactor)
     tunnels = build_tunnels(config, reactor)
     tokens = TokenAuthority(keyring, reactor, lifetime=config.token_lifetime)
+    clients = ClientAddresses(networks(config.trusted_proxies))
+    table = SessionTable(
+        reactor, max_total=config.max_sessions, max_per_user=config.max_sessions_per_user
+    )
+    events = SessionEvents()
+    policy = RelayPolicy(
+        origins=config.origin_policy(),
+        clients=clients,
+        table=table,
+        idle_timeout=config.idle_timeout,
+        session_timeout=config.session_timeout,
+        ping_interval=config.ping_interval,
+        events=events,
+    )
     relay = GuacamoleRelayFactory(
         tokens,
         RelaySettings(
@@ -179,6 +200,7 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
         local_zone=str(config.one_zone),
         zones=build_zones(config, cloud, reactor),
         federation=build_federation(config),
+        policy=policy,
     )
     rfb_tokens = rfb = None
     if config.rfb_enabled:
@@ -194,6 +216,7 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
             ),
             clock=reactor,
             max_message_size=config.max_message_size,
+            policy=policy,
         )
     assets = StaticFiles(config.node_modules or None)
     probe = GuacdProbe(guacd_endpoint if config.has_guacd else None, reactor)
@@ -204,11 +227,29 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
         page=ConsolePage(cloud, assets),
         modes=ConsoleModes(probe.reachable, rfb=rfb is not None),
         assets=assets,
+        operations=Operations(
+            limiter=RateLimiter(reactor, config.api_rate, config.api_burst),
+            draining=lambda: table.draining,
+        ),
     )
     return {
         "config": config,
+        "reactor": reactor,
         "endpoints": server_endpoints,
-        "site": build_site(web, reactor, timeout=config.http_timeout),
+        "site": build_site(
+            web,
+            reactor,
+            timeout=config.http_timeout,
+            limits=HttpLimits(
+                request_timeout=config.request_timeout,
+                response_timeout=config.http_timeout,
+                max_header_bytes=config.max_header_bytes,
+                max_body_bytes=config.max_body_bytes,
+            ),
+            clients=clients,
+        ),
+        "table": table,
+        "events": events,
         "relay": relay,
         "rfb": rfb,
         "assets": assets,
@@ -378,15 +419,39 @@ def endpoint_is_local(description: str) -> bool:
     return is_loopback(host.replace("\\", ""))
 
 
-class ClosingService(Service):
-    """Closes long-lived client connections at shutdown (oned's pool, SSH)."""
+class ShutdownService(Service):
+    """
+    At shutdown: drain the sessions (L{SessionTable.drain}), then close the
+    long-lived client connections (oned's pool, SSH).
 
-    def __init__(self, *closers: Any) -> None:
+    The listening ports stop at the same time (their services stop beside
+    this one), so nothing new arrives.  While draining, a second SIGTERM or
+    SIGINT closes the sessions at once.
+    """
+
+    def __init__(self, table: SessionTable, grace: float, reactor: Any, *closers: Any) -> None:
+        self.table = table
+        self.grace = grace
+        self.reactor = reactor
         self.closers = closers
 
     def stopService(self) -> Any:
         super().stopService()
-        return gatherResults([maybeDeferred(close) for close in self.closers])
+        self._second_signal_closes_all()
+        drained = self.table.drain(self.grace)
+        return drained.addCallback(
+            lambda _: gatherResults([maybeDeferred(close) for close in self.closers])
+        )
+
+    def _second_signal_closes_all(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+
+        def again(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.table.close_all)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, again)
 
 
 def makeService(options: Options) -> IService:
@@ -396,7 +461,9 @@ def makeService(options: Options) -> IService:
     closers = [parts["tunnels"].pool.close]
     if hasattr(parts["cloud"], "close"):
         closers.append(parts["cloud"].close)
-    ClosingService(*closers).setServiceParent(service)
+    ShutdownService(
+        parts["table"], parts["config"].drain_grace, parts["reactor"], *closers
+    ).setServiceParent(service)
     for endpoint in parts["endpoints"]:
         StreamServerEndpointService(endpoint, parts["site"]).setServiceParent(service)
     config = parts["config"]

@@ -11,12 +11,20 @@ console page with its static files::
     /rfb                            raw VNC WebSocket relay (subprotocol binary)
     /console/<id>/<type>            the console page (HTTP Basic)
     /static/...                     the page's script, style and npm libraries
+    /metrics                        Prometheus metrics (allowed networks only)
+    /healthz, /readyz               the process serves; guacd and the cloud answer
 
-The access log never records query strings: the relays' carry the token.
+The token API and the console page check passwords: each client address
+gets a rate limit there (429 with Retry-After).  While the server drains,
+the token API answers 503: a new token could not open a session anyway.
+The access log never records query strings (the relays' carry the token)
+and names the real client behind a trusted frontend.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.web.http import datetimeToLogString
@@ -24,11 +32,34 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from consoleproxy.api import TokenApi
+from consoleproxy.clients import ClientAddresses
 from consoleproxy.console_page import ConsoleModes, ConsolePage, not_enabled
-from consoleproxy.routing import Router
+from consoleproxy.http_channel import HttpLimits, LimitedChannel
+from consoleproxy.ratelimit import RateLimiter, retry_after
+from consoleproxy.routing import Router, client_of, json_body
 from consoleproxy.web_assets import StaticFiles
 
 _STATIC_PREFIXES = (b"/static/", b"/fireedge/static/")
+
+
+@dataclass
+class Operations:
+    """
+    The operator's endpoints and controls.
+
+    @ivar metrics: the ``/metrics`` resource; C{None}: not served.
+    @ivar health: ``/healthz``; @ivar readiness: ``/readyz``.
+    @ivar observer: told of API answers and rate limiting (the metrics).
+    @ivar limiter: the per-client rate limit of password checks.
+    @ivar draining: whether the server is shutting down.
+    """
+
+    metrics: Resource | None = None
+    health: Resource | None = None
+    readiness: Resource | None = None
+    observer: Any = None
+    limiter: RateLimiter | None = None
+    draining: Callable[[], bool] = lambda: False
 
 
 class ConsoleProxyWeb:
@@ -50,7 +81,9 @@ class ConsoleProxyWeb:
         page: ConsolePage | None = None,
         modes: ConsoleModes | None = None,
         assets: StaticFiles | None = None,
+        operations: Operations | None = None,
     ) -> None:
+        self.operations = operations or Operations()
         self.api = api
         self.relay = relay
         self.rfb = rfb
@@ -62,7 +95,43 @@ class ConsoleProxyWeb:
     @router.route("/fireedge/api/vm/<vm_id>/guacamole/<console_type>")
     def token(self, request: Request, vm_id: str, console_type: str) -> Any:
         """Mint a console token."""
-        return self.api.mint(request, vm_id, console_type)
+        observer = self.operations.observer
+        if observer is not None:
+            request.notifyFinish().addBoth(lambda _: observer.api_request("token", request.code))
+        if self.operations.draining():
+            request.setHeader(b"Retry-After", b"30")
+            return json_body(request, 503, "Service Unavailable", "the server is shutting down")
+        return self._limited(request, "token") or self.api.mint(request, vm_id, console_type)
+
+    def _limited(self, request: Request, what: str) -> bytes | None:
+        """A 429 answer when the client is over its rate, else C{None}."""
+        limiter = self.operations.limiter
+        if limiter is None:
+            return None
+        wait = limiter.take(client_of(request).rate_key())
+        if wait is None:
+            return None
+        if self.operations.observer is not None:
+            self.operations.observer.rate_limited(what)
+        request.setHeader(b"Retry-After", str(retry_after(wait)).encode())
+        return json_body(
+            request, 429, "Too Many Requests", f"too many requests; retry in {retry_after(wait)} s"
+        )
+
+    @router.route("/metrics")
+    def metrics(self, request: Request) -> Any:
+        """Prometheus metrics."""
+        return self.operations.metrics or not_enabled(request, "/metrics")
+
+    @router.route("/healthz")
+    def healthz(self, request: Request) -> Any:
+        """Whether the process serves."""
+        return self.operations.health or not_enabled(request, "/healthz")
+
+    @router.route("/readyz")
+    def readyz(self, request: Request) -> Any:
+        """Whether guacd and the cloud answer (and the server is not draining)."""
+        return self.operations.readiness or not_enabled(request, "/readyz")
 
     @router.route("/guacamole")
     @router.route("/fireedge/guacamole")
@@ -98,7 +167,9 @@ class ConsoleProxyWeb:
     def _page(self, request: Request, vm_id: str, console_type: str, base: str) -> Any:
         if self.page is None:
             return not_enabled(request, "the console page")
-        return self.page.render(request, vm_id, console_type, base)
+        return self._limited(request, "page") or self.page.render(
+            request, vm_id, console_type, base
+        )
 
     def resource(self) -> Resource:
         """The root resource."""
@@ -119,6 +190,7 @@ class _WithStatic(Resource):
         self._assets = assets
 
     def render(self, request: Request) -> Any:
+        client_of(request)  # found while the channel is there, for the access log
         for prefix in _STATIC_PREFIXES:
             if request.path.startswith(prefix):
                 if request.method not in (b"GET", b"HEAD"):
@@ -138,9 +210,7 @@ def access_log_line(timestamp: str, request: Request) -> str:
 
     return (
         '"{ip}" - - {time} "{method} {path} {proto}" {code} {length} "{referrer}" "{agent}"'.format(
-            ip=request.getClientAddress().host
-            if hasattr(request.getClientAddress(), "host")
-            else "-",
+            ip=client_of(request).host,
             time=timestamp or datetimeToLogString(),
             method=quote(request.method),
             path=quote(request.path),
@@ -153,8 +223,22 @@ def access_log_line(timestamp: str, request: Request) -> str:
     )
 
 
-def build_site(web: ConsoleProxyWeb, reactor: Any, timeout: float = 60.0) -> Site:
-    """The twisted.web site, with the safe access log and an idle timeout."""
+def build_site(
+    web: ConsoleProxyWeb,
+    reactor: Any,
+    timeout: float = 60.0,
+    *,
+    limits: HttpLimits | None = None,
+    clients: ClientAddresses | None = None,
+) -> Site:
+    """
+    The twisted.web site: the safe access log, an idle timeout of
+    C{timeout}, the bounded channel (L{HttpLimits}; its response deadline is
+    C{timeout} too) and the real client addresses.
+    """
+    limits = limits or HttpLimits(response_timeout=timeout)
     site = Site(web.resource(), timeout=timeout, logFormatter=access_log_line, reactor=reactor)
+    site.protocol = lambda: LimitedChannel(limits)
+    site.clients = clients or ClientAddresses()  # type: ignore[attr-defined]
     site.displayTracebacks = False
     return site

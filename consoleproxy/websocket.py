@@ -13,24 +13,35 @@ and the raw VNC relay (rfb.py).
   - Autobahn's timers run on the injected clock, one DelayedCall each, and
     the close-handshake timers are cancelled with the connection.
   - twisted.web hands the connection over cleanly (L{RelayResource}).
+  - The operator's policy (L{RelayPolicy}) applies to both: the Origin
+    allow-list, the real client address behind a trusted frontend, the
+    session caps and drain (L{SessionTable}), idle and absolute timeouts,
+    WebSocket pings, and the observers (metrics, audit log) told of every
+    session.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
+from consoleproxy.clients import Client, ClientAddresses
 from consoleproxy.interfaces import ITunnels
+from consoleproxy.origins import OriginPolicy
 from consoleproxy.routing import json_body
+from consoleproxy.session_events import SessionEvents, SessionRecord
+from consoleproxy.sessions import SessionTable
 from consoleproxy.status import GuacamoleError, Status
 from consoleproxy.tokens import Claims, TokenAuthority, TokenError
 from consoleproxy.tunnels import DirectRoutes, Route
@@ -89,14 +100,48 @@ class CancelTimersOnLoss:
                 setattr(self, name, None)
 
 
+#: Seconds between reports of bytes relayed by open sessions (live counters).
+BYTES_REPORT_INTERVAL = 10.0
+
+
+@dataclass
+class RelayPolicy:
+    """
+    What the operator decides for both relays (see the module docstring).
+
+    @ivar origins: which pages may open a WebSocket.  The default allows no
+        browser at all (browsers always send an Origin), only other clients.
+    @ivar clients: how to find the real client behind a trusted frontend.
+    @ivar table: caps and drain, shared by both relays (C{None}: a table of
+        its own with the default caps).
+    @ivar idle_timeout: seconds without input from the user (keys, mouse,
+        clipboard) before a session closes; 0: never.
+    @ivar session_timeout: seconds a session may last at most; 0: no limit.
+    @ivar ping_interval: seconds between WebSocket pings; a browser that has
+        not answered by the next one is gone; 0: no pings.
+    @ivar events: the observers told of every session.
+    """
+
+    origins: OriginPolicy = field(default_factory=lambda: OriginPolicy([], allow_missing=True))
+    clients: ClientAddresses = field(default_factory=ClientAddresses)
+    table: SessionTable | None = None
+    idle_timeout: float = 0.0
+    session_timeout: float = 0.0
+    ping_interval: float = 0.0
+    events: SessionEvents = field(default_factory=SessionEvents)
+
+
 class RelayFactory(WebSocketServerFactory):
     """
     Builds sessions of one relay; holds what they share.
 
-    @ivar sessions: the open sessions (for drain and metrics).
+    @ivar sessions: the open sessions of this relay.
+    @ivar table: the server's sessions (both relays), open or opening.
     @ivar token_refusals: refusals counted by reason.
     @ivar lingering: upstream sockets given a grace to finish.
     """
+
+    relay_name: ClassVar[str]
 
     def __init__(
         self,
@@ -107,8 +152,13 @@ class RelayFactory(WebSocketServerFactory):
         linger: float,
         max_message_size: int,
         tunnels: ITunnels | None,
+        policy: RelayPolicy | None = None,
     ) -> None:
         super().__init__(server="consoleproxy", reactor=clock)
+        self.policy = policy if policy is not None else RelayPolicy()
+        self.table = self.policy.table or SessionTable(clock, max_total=10000, max_per_user=10000)
+        self.events = self.policy.events
+        self._bytes_reports: LoopingCall | None = None
         self.tokens = tokens
         self.clock = clock
         self.linger = linger
@@ -126,11 +176,34 @@ class RelayFactory(WebSocketServerFactory):
             openHandshakeTimeout=handshake_timeout + 5,
             closeHandshakeTimeout=2,
             failByDrop=False,
+            autoPingInterval=self.policy.ping_interval,
+            autoPingTimeout=self.policy.ping_interval,
         )
 
     def refused_token(self, reason: str) -> None:
         """Count a token refusal."""
         self.token_refusals[reason] = self.token_refusals.get(reason, 0) + 1
+        self.events.token_refused(self.relay_name, reason)
+
+    def session_opened(self, session: RelaySession) -> None:
+        """C{session} is open: keep it, and report bytes while any is open."""
+        self.sessions.add(session)
+        if self._bytes_reports is None and self.events.observers:
+            self._bytes_reports = LoopingCall(self.report_bytes)
+            self._bytes_reports.clock = self.clock
+            self._bytes_reports.start(BYTES_REPORT_INTERVAL, now=False)
+
+    def session_closed(self, session: RelaySession) -> None:
+        """C{session} is closed: forget it (and stop reporting when none is left)."""
+        self.sessions.discard(session)
+        if not self.sessions and self._bytes_reports is not None:
+            self._bytes_reports.stop()
+            self._bytes_reports = None
+
+    def report_bytes(self) -> None:
+        """Tell the observers what each open session relayed since the last report."""
+        for session in list(self.sessions):
+            session.report_bytes()
 
 
 class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
@@ -158,6 +231,13 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         self._peer = "?"
         self._opened_at: float | None = None
         self._linger: IDelayedCall | None = None
+        self._client: Client | None = None
+        self._requested_at = 0.0
+        self._record: SessionRecord | None = None
+        self._reported = (0, 0)
+        self._deadline: IDelayedCall | None = None
+        self._idle: IDelayedCall | None = None
+        self._last_input = 0.0
         self.bytes_to_browser = 0
         self.bytes_from_browser = 0
 
@@ -168,6 +248,30 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         # Deferred is pending; the transport is paused then, but be certain.
         if not self._pending and self._refusal is None:
             super().processHandshake()
+
+    def _admit(self, request: Any) -> None:
+        """
+        First in C{onConnect}: note who the client is, and check its Origin.
+
+        @raise GuacamoleError: CLIENT_FORBIDDEN for an Origin not allowed.
+        """
+        self._requested_at = self.factory.clock.seconds()
+        self._client = self.factory.policy.clients.of_websocket(
+            request.peer, request.headers, ISSLTransport.providedBy(self.transport)
+        )
+        self._peer = str(self._client)
+        if not self.factory.policy.origins.allows(request.origin):
+            raise GuacamoleError(
+                Status.CLIENT_FORBIDDEN, f"Origin {request.origin or '(none)'!r} is not allowed"
+            )
+
+    def _reserve(self, user: str) -> None:
+        """
+        Take the session's place in the server's table (caps, drain).
+
+        @raise GuacamoleError: SERVER_BUSY or CLIENT_TOO_MANY.
+        """
+        self.factory.table.reserve(self, user)
 
     def _refuse(self, status: Status, message: str) -> str:
         """Accept the WebSocket only to close it with C{status} in onOpen."""
@@ -205,12 +309,92 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         )
         self._close_status = self._refusal
         self._close(status)
+        self.factory.events.session_refused(
+            self.factory.relay_name, int(status), message, self._client_host()
+        )
         return True
 
-    def _mark_open(self) -> None:
-        """The session is open: count it and start its clock."""
-        self._opened_at = self.factory.clock.seconds()
-        self.factory.sessions.add(self)
+    def _client_host(self) -> str:
+        return self._client.host if self._client is not None else "-"
+
+    def _mark_open(self, *, connection_id: str | None = None, zone: str | None = None) -> None:
+        """The session is open: count it, start its clocks, tell the observers."""
+        clock = self.factory.clock
+        now = self._opened_at = self._last_input = clock.seconds()
+        self.factory.session_opened(self)
+        claims = self._claims
+        assert claims is not None
+        events = self.factory.events
+        events.handshake_done(self.factory.relay_name, now - self._requested_at)
+        self._record = SessionRecord(
+            relay=self.factory.relay_name,
+            user=claims.user,
+            vm_id=claims.console.vm_id,
+            console_type=claims.console.console_type,
+            client=self._client_host(),
+            opened_at=now,
+            zone=zone,
+            connection_id=connection_id,
+        )
+        events.session_opened(self._record)
+        policy = self.factory.policy
+        if policy.session_timeout > 0:
+            self._deadline = clock.callLater(policy.session_timeout, self._session_expired)
+        if policy.idle_timeout > 0:
+            self._idle = clock.callLater(policy.idle_timeout, self._idle_check)
+
+    def _touch(self) -> None:
+        """The user did something (a key, the mouse, the clipboard): not idle."""
+        self._last_input = self.factory.clock.seconds()
+
+    def _idle_check(self) -> None:
+        timeout = self.factory.policy.idle_timeout
+        idle = self.factory.clock.seconds() - self._last_input
+        if idle >= timeout:
+            self._idle = None
+            self._end(Status.SESSION_TIMEOUT, f"no input for {timeout:g} s")
+        else:
+            self._idle = self.factory.clock.callLater(timeout - idle, self._idle_check)
+
+    def _session_expired(self) -> None:
+        self._deadline = None
+        limit = self.factory.policy.session_timeout
+        self._end(Status.SESSION_CLOSED, f"session time limit of {limit:g} s reached")
+
+    def shut_down(self) -> None:
+        """The server is stopping: close now, with WebSocket code 1001."""
+        if self.state == self.STATE_OPEN:
+            if self._close_status is None:
+                self._close_status = (Status.SESSION_CLOSED, "server shutting down")
+            self._close(Status.SESSION_CLOSED, code=1001)
+            self._drop_upstream()
+        elif self.transport is not None:
+            self.transport.abortConnection()
+
+    def report_bytes(self) -> None:
+        """Tell the observers what was relayed since the last report."""
+        sent, received = self._reported
+        if self.bytes_to_browser != sent or self.bytes_from_browser != received:
+            self._reported = (self.bytes_to_browser, self.bytes_from_browser)
+            self.factory.events.bytes_relayed(
+                self.factory.relay_name,
+                self.bytes_to_browser - sent,
+                self.bytes_from_browser - received,
+            )
+
+    def _report_closed(self, status: Status, message: str) -> None:
+        """In onClose of an opened session: forget it and tell the observers."""
+        self.factory.session_closed(self)
+        record = self._record
+        if record is None:
+            return
+        self.report_bytes()
+        record.closed_at = self.factory.clock.seconds()
+        record.bytes_to_browser = self.bytes_to_browser
+        record.bytes_from_browser = self.bytes_from_browser
+        record.status = int(status)
+        record.reason = message
+        self.factory.events.session_closed(record)
 
     def _couple(self, upstream: Any) -> None:
         """Each side's transport pauses the other: bounded memory per session."""
@@ -236,13 +420,15 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         """Close the upstream socket (see L{_linger_close})."""
         raise NotImplementedError
 
-    def _close(self, status: Status) -> None:
+    def _close(self, status: Status, code: int | None = None) -> None:
         if self.transport is not None:
             self.transport.unregisterProducer()
         if self.state == self.STATE_OPEN:
-            # sendClose only allows 1000 and 3000-4999; Guacamole needs 1002-1011.
+            # sendClose only allows 1000 and 3000-4999; Guacamole needs 1001-1011.
             self.sendCloseFrame(
-                code=status.websocket_code, reasonUtf8=str(int(status)).encode(), isReply=False
+                code=code or status.websocket_code,
+                reasonUtf8=str(int(status)).encode(),
+                isReply=False,
             )
 
     def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
@@ -281,6 +467,12 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
     def _release(self) -> None:
         """In onClose: give up whatever the session still holds."""
         self._gone = True
+        for name in ("_deadline", "_idle"):
+            call = getattr(self, name)
+            if call is not None and call.active():
+                call.cancel()
+            setattr(self, name, None)
+        self.factory.table.release(self)
         if self._connecting is not None:
             connecting, self._connecting = self._connecting, None
             connecting.cancel()
@@ -339,6 +531,9 @@ class RelayResource(WebSocketResource):
         transport = request.channel.transport
         if transport is None:
             return super().render(request)
+        handed_over = getattr(request.channel, "handed_over", None)
+        if handed_over is not None:
+            handed_over()  # the HTTP channel's deadlines no longer apply
         transport.unregisterProducer()
         result = super().render(request)
         return NOT_DONE_YET if result is NOT_DONE_YET else result

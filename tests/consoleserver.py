@@ -14,6 +14,7 @@ from consoleproxy.api import TokenApi
 from consoleproxy.config import NoGuacd
 from consoleproxy.console_page import ConsoleModes, ConsolePage, GuacdProbe
 from consoleproxy.inventory import InventoryCloud
+from consoleproxy.origins import OriginPolicy
 from consoleproxy.relay import GuacamoleRelayFactory, RelaySettings
 from consoleproxy.rfb import PURPOSE, RfbRelayFactory, RfbRelayResource, RfbSettings
 from consoleproxy.tokens import KeyRing, TokenAuthority
@@ -116,4 +117,7 @@ def start_console_server(
         build_site(web, reactor)
     )
     testcase.addCleanup(listening.stopListening)
+    # Browsers send the page's Origin: allow this server's own, as an operator would.
+    origins = OriginPolicy([f"http://127.0.0.1:{listening.getHost().port}"], allow_missing=True)
+    relay.policy.origins = rfb_relay.policy.origins = origins
     return ConsoleServer(listening.getHost().port, tokens, rfb_tokens, relay, rfb_relay, assets)

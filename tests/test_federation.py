@@ -20,6 +20,7 @@ from consoleproxy import tap
 from consoleproxy.config import Config, ConfigError
 from consoleproxy.consoles import Console, Identity
 from consoleproxy.oned import Oned, ServerAdmin
+from consoleproxy.origins import OriginPolicy
 from consoleproxy.relay import FederationSettings
 from consoleproxy.status import GuacamoleError
 from consoleproxy.tokens import KeyRing
@@ -211,12 +212,12 @@ class OriginTests(FederationTestCase):
     @inlineCallbacks
     def test_remote_policy_accepts_the_configured_origin(self):  # type: ignore[no-untyped-def]
         # Zone 1 allows browsers of its own site and zone 0's proxy, nothing else.
-        self.remote.relay.setProtocolOptions(
-            allowedOrigins=["https://zone1.example.com:443", "https://zone0.example.com:443"]
+        self.remote.relay.policy.origins = OriginPolicy(
+            ["https://zone1.example.com", "https://zone0.example.com"]
         )
         self.local.relay.federation = FederationSettings(origin="https://evil.example.com")
         code, reason = yield self.refused()  # an Origin zone 1 does not list: refused there
-        self.assertEqual((code, reason), (1011, "515"))
+        self.assertEqual((code, reason), (1008, "771"))
         self.assertEqual(self.guacd.connections, [])
         self.local.relay.federation = FederationSettings(origin="https://zone0.example.com")
         client = yield self.browser()

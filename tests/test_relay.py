@@ -258,7 +258,7 @@ class SessionTests(RelayTestCase):
         self.assertEqual(len(closed), 1)
         self.assertRegex(
             closed[0],
-            r"user=alice vm=7 type=vnc guacd=\$[-0-9a-f]+ peer=tcp4:127\.0\.0\.1:\d+ "
+            r"user=alice vm=7 type=vnc guacd=\$[-0-9a-f]+ peer=127\.0\.0\.1 "
             r"to_browser=\d+ from_browser=11 duration=\d+\.\ds status=0 \(guacd closed",
         )
         for secret in ("vnc-secret", token, token[:40]):

@@ -131,7 +131,7 @@ class OptionsTests(SynchronousTestCase):
         service = tap.makeService(options)
         listeners = [c for c in service if isinstance(c, StreamServerEndpointService)]
         self.assertEqual(len(listeners), 2)
-        self.assertEqual(len([c for c in service if isinstance(c, tap.ClosingService)]), 1)
+        self.assertEqual(len([c for c in service if isinstance(c, tap.ShutdownService)]), 1)
         self.assertFalse(service.running)
 
     def test_bad_value_is_one_usage_error(self) -> None:

@@ -1,0 +1,165 @@
+"""
+The HTTP connection, with limits and deadlines at every stage.
+
+twisted.web's channel has an idle timeout only: a client that sends one byte
+every few seconds (slowloris) keeps a connection, and a request body may be
+any size.  Here each stage has its own bound:
+
+  - request line + headers + body must arrive within C{request_timeout} of
+    the connection being ready for a request (408), headers within
+    C{max_header_bytes} (431, also for one overlong line), a body within
+    C{max_body_bytes} (413; our API takes no bodies);
+  - once a request is in, its response must be done within
+    C{response_timeout}, or the connection is aborted (a client that never
+    reads a static file keeps nothing);
+  - a WebSocket upgrade hands the connection over (L{handed_over}); from
+    then on the relay's own deadlines apply (Autobahn's opening handshake
+    timeout, then the session's).
+
+Refusals are JSON in FireEdge's shape, then the connection is closed, and
+aborted if the client does not read even that within a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES, HTTPChannel
+
+#: Seconds a refused client gets to read the refusal before it is aborted.
+_ABORT_AFTER_REFUSAL = 5.0
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """The bounds of one HTTP connection (see the module docstring)."""
+
+    request_timeout: float = 10.0
+    response_timeout: float = 60.0
+    max_header_bytes: int = 16384
+    max_body_bytes: int = 65536
+    max_headers: int = 100
+
+
+class LimitedChannel(HTTPChannel):
+    """An L{HTTPChannel} that enforces L{HttpLimits}."""
+
+    _log = Logger()
+
+    def __init__(self, limits: HttpLimits) -> None:
+        super().__init__()
+        self.limits = limits
+        self.totalHeadersSize = limits.max_header_bytes
+        self.maxHeaders = limits.max_headers
+        self.MAX_LENGTH = limits.max_header_bytes
+        self._deadline: IDelayedCall | None = None
+        self._abort: IDelayedCall | None = None
+        self._body_bytes = 0
+        self._refused = False
+
+    # -- deadlines -------------------------------------------------------------------
+
+    def _set_deadline(self, seconds: float, expired: Any) -> None:
+        self._cancel_deadline()
+        self._deadline = self.callLater(seconds, expired)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._set_deadline(self.limits.request_timeout, self._request_too_slow)
+
+    def _request_too_slow(self) -> None:
+        self._deadline = None
+        self._refuse(408, f"the request did not arrive within {self.limits.request_timeout:g} s")
+
+    def _response_too_slow(self) -> None:
+        self._deadline = None
+        self._log.info(
+            "Aborting an HTTP connection: its response took over {seconds:g} s",
+            seconds=self.limits.response_timeout,
+        )
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def handed_over(self) -> None:
+        """The connection now belongs to a WebSocket: its deadlines apply instead."""
+        self._cancel_deadline()
+
+    # -- limits ----------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._refuse(431, f"request headers over {self.totalHeadersSize} bytes")
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse(431, f"a request line or header over {self.MAX_LENGTH} bytes")
+
+    def allHeadersReceived(self) -> None:
+        super().allHeadersReceived()
+        self._body_bytes = 0
+        if self.length is not None and self.length > self.limits.max_body_bytes:
+            self._refuse(413, f"request bodies are limited to {self.limits.max_body_bytes} bytes")
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._handlingRequest:
+            # Body bytes as sent (chunked framing included): a coarse, safe bound.
+            self._body_bytes += len(data)
+            if self._body_bytes > self.limits.max_body_bytes + 1024:
+                self._refuse(
+                    413, f"request bodies are limited to {self.limits.max_body_bytes} bytes"
+                )
+                return
+        super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._set_deadline(self.limits.response_timeout, self._response_too_slow)
+        super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        self._cancel_deadline()
+        super().requestDone(request)
+        if self.persistent and self.transport is not None and not self._refused:
+            self._set_deadline(self.limits.request_timeout, self._request_too_slow)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._cancel_deadline()
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
+        self._abort = None
+        super().connectionLost(reason)
+
+    def _refuse(self, code: int, detail: str) -> None:
+        """Answer C{code} with a JSON body, close, and abort if it is not read."""
+        if self._refused or self.transport is None:
+            return
+        self._refused = True
+        self._cancel_deadline()
+        message = RESPONSES.get(code, b"Error").decode("ascii")
+        body = json.dumps({"id": code, "message": message, "data": detail}).encode()
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (code, message.encode(), len(body), body)
+        )
+        self.loseConnection()
+        self._abort = self.callLater(_ABORT_AFTER_REFUSAL, self._abort_now)
+
+    def _abort_now(self) -> None:
+        self._abort = None
+        if self.transport is not None:
+            self.transport.abortConnection()
