@@ -175,6 +175,7 @@ class InventoryCloud:
         self.path = Path(path)
         self._verifier = verifier
         self._stamp: tuple[int, int] | None = None
+        self._reload_error: str | None = None
         self.inventory = self._load()
 
     def _load(self) -> Inventory:
@@ -196,11 +197,27 @@ class InventoryCloud:
         if (stat.st_mtime_ns, stat.st_size) != self._stamp:
             try:
                 self.inventory = self._load()
+                self._reload_error = None
                 self.log.info("Reloaded inventory {path}", path=str(self.path))
             except InventoryError as e:
                 self._stamp = (stat.st_mtime_ns, stat.st_size)
+                self._reload_error = str(e)
                 self.log.error("Inventory not reloaded, keeping the previous one: {e}", e=str(e))
         return self.inventory
+
+    def file_problem(self) -> str | None:
+        """
+        Re-read the file if it changed, then say whether the inventory in use is the file's.
+
+        @return: C{None} when it is, else why not (the file is unreadable or
+            invalid; the previously loaded inventory stays in use).
+        """
+        try:
+            self.path.stat()
+        except OSError as e:
+            return f"cannot read inventory {self.path}: {e.strerror or e}"
+        self._current()
+        return self._reload_error
 
     def authenticate(self, authorization: bytes | None) -> Deferred[Identity]:
         """HTTP Basic against the inventory's Argon2 hashes."""

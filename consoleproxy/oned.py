@@ -120,6 +120,10 @@ class Oned:
         """The zone pool (``/ZONE_POOL``)."""
         return self._document("one.zonepool.info", session)
 
+    def version(self, session: str) -> Deferred[str]:
+        """oned's version (``one.system.version``); oned authenticates even this call."""
+        return self.call("one.system.version", session)
+
     def _document(self, method: str, session: str, *args: Any) -> Deferred[Element]:
         return self.call(method, session, *args).addCallback(_parse_document, method)
 

@@ -614,6 +614,11 @@ class SSHPool:
         """Live or connecting SSH connections."""
         return len(self._hosts)
 
+    @property
+    def channels(self) -> int:
+        """Open or opening ``direct-tcpip`` channels, over all connections."""
+        return sum(len(h.channels) for h in set(self._hosts.values()) | self._closing)
+
     def close(self) -> Deferred[Any]:
         """Close every connection at once (shutdown)."""
         hosts = set(self._hosts.values()) | self._closing

@@ -122,6 +122,11 @@ class Tunnels:
         self._probes: dict[str, tuple[float, bool]] = {}
         self.routes: set[Route] = set()
 
+    @property
+    def active(self) -> int:
+        """SSH tunnels in use now: one per tunnelled console (its listener and channel)."""
+        return len(self.routes)
+
     def rule_for(self, host: str, cluster: str | None) -> TunnelRule:
         """The first matching rule, else the default."""
         for rule in self.settings.rules:

@@ -14,11 +14,13 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
+from twisted.web.server import Site
 
 from consoleproxy.api import TokenApi
 from consoleproxy.inventory import InventoryCloud
 from consoleproxy.passwords import PasswordVerifier
 from consoleproxy.relay import GuacamoleRelayFactory, RelaySettings
+from consoleproxy.session_events import SessionRecord
 from consoleproxy.tokens import KeyRing, TokenAuthority
 from consoleproxy.web import ConsoleProxyWeb, build_site
 from consoleproxy.websocket import RelayResource
@@ -156,3 +158,37 @@ def wait(seconds: float) -> Deferred[None]:
     d: Deferred[None] = Deferred()
     reactor.callLater(seconds, d.callback, None)
     return d
+
+
+@inlineCallbacks
+def serve_resource(testcase: Any, resource: Any):  # type: ignore[no-untyped-def]
+    """Serve C{resource} as a whole site on loopback (stopped on cleanup); fire with its port."""
+    listening = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Site(resource))
+    testcase.addCleanup(listening.stopListening)
+    return listening.getHost().port
+
+
+@inlineCallbacks
+def http_request(  # type: ignore[no-untyped-def]
+    port: int, path: str = "/", method: bytes = b"GET", headers: dict[bytes, bytes] | None = None
+):
+    """Ask 127.0.0.1:C{port}; return (status, headers, body bytes)."""
+    url = f"http://127.0.0.1:{port}{path}".encode()
+    sent = Headers({name: [value] for name, value in (headers or {}).items()})
+    response = yield Agent(reactor).request(method, url, sent)
+    body = yield readBody(response)
+    return response.code, response.headers, body
+
+
+def session_record(**changes: Any) -> SessionRecord:
+    """A session record of alice's VNC console of VM 7."""
+    fields: dict[str, Any] = {
+        "relay": "guacamole",
+        "user": "alice",
+        "vm_id": "7",
+        "console_type": "vnc",
+        "client": "192.0.2.1",
+        "opened_at": 1000.0,
+    }
+    fields.update(changes)
+    return SessionRecord(**fields)
