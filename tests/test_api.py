@@ -110,8 +110,6 @@ class TokenApiTests(TestCase):
         _, _, body = yield get_json(self.server.url("/api/vm/7/guacamole/vnc"), ALICE)
         yield get_json(self.server.url("/api/vm/7/guacamole/vnc"), basic("alice", "wr0ng"))
         text = "\n".join(formatEvent(e) + repr(e) for e in events)
-        self.assertRegex(
-            text, r"Token issued: user=alice vm=7 type=vnc .*peer=127\.0\.0\.1"
-        )
+        self.assertRegex(text, r"Token issued: user=alice vm=7 type=vnc .*peer=127\.0\.0\.1")
         for secret in ("wonderland", "wr0ng", "vnc-secret", body["data"], ALICE.decode()):
             self.assertNotIn(secret, text)
