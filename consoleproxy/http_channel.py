@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, HTTPChannel
+from twisted.web.http import HTTPChannel
 
 #: Seconds a refused client gets to read the refusal before it is aborted.
 _ABORT_AFTER_REFUSAL = 5.0
@@ -110,10 +111,12 @@ class LimitedChannel(HTTPChannel):
         self._refuse(431, f"a request line or header over {self.MAX_LENGTH} bytes")
 
     def allHeadersReceived(self) -> None:
-        super().allHeadersReceived()
         self._body_bytes = 0
         if self.length is not None and self.length > self.limits.max_body_bytes:
+            # Before Twisted's own handling, which would invite the body (100 Continue).
             self._refuse(413, f"request bodies are limited to {self.limits.max_body_bytes} bytes")
+            return
+        super().allHeadersReceived()
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self._handlingRequest:
@@ -131,10 +134,13 @@ class LimitedChannel(HTTPChannel):
         super().allContentReceived()
 
     def requestDone(self, request: Any) -> None:
-        self._cancel_deadline()
-        super().requestDone(request)
         if self.persistent and self.transport is not None and not self._refused:
+            # Before Twisted parses the pipelined bytes it buffered: a request
+            # complete among them sets its own response deadline in place of this.
             self._set_deadline(self.limits.request_timeout, self._request_too_slow)
+        # Otherwise the connection closes now, and the response deadline stays
+        # until it is gone: a client that does not read the end keeps nothing.
+        super().requestDone(request)
 
     def connectionLost(self, reason: Failure) -> None:
         self._cancel_deadline()
@@ -143,13 +149,18 @@ class LimitedChannel(HTTPChannel):
         self._abort = None
         super().connectionLost(reason)
 
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's bare 400 (malformed request line or header, too many
+        # headers, bad chunking), with our JSON, closing and abort.
+        self._refuse(400, "a malformed request, or too many headers")
+
     def _refuse(self, code: int, detail: str) -> None:
         """Answer C{code} with a JSON body, close, and abort if it is not read."""
         if self._refused or self.transport is None:
             return
         self._refused = True
         self._cancel_deadline()
-        message = RESPONSES.get(code, b"Error").decode("ascii")
+        message = HTTPStatus(code).phrase
         body = json.dumps({"id": code, "message": message, "data": detail}).encode()
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n"

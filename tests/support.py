@@ -192,3 +192,31 @@ def session_record(**changes: Any) -> SessionRecord:
     }
     fields.update(changes)
     return SessionRecord(**fields)
+
+
+@inlineCallbacks
+def serve_web(  # type: ignore[no-untyped-def]
+    testcase: Any,
+    server: Server,
+    *,
+    operations: Any = None,
+    page: Any = None,
+    limits: Any = None,
+    clients: Any = None,
+    timeout: float = 60,
+):
+    """
+    Serve C{server}'s token API and relay again through L{build_site} with
+    these options (an L{Operations}, L{HttpLimits}, L{ClientAddresses}) on
+    another loopback port (stopped on cleanup); fire with that port.
+    """
+    web = ConsoleProxyWeb(
+        TokenApi(server.cloud, server.cloud, server.tokens),
+        RelayResource(server.relay),
+        page=page,
+        operations=operations,
+    )
+    site = build_site(web, reactor, timeout, limits=limits, clients=clients)
+    listening = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(site)
+    testcase.addCleanup(listening.stopListening)
+    return listening.getHost().port
