@@ -156,7 +156,10 @@ class RelayFactory(WebSocketServerFactory):
     ) -> None:
         super().__init__(server="consoleproxy", reactor=clock)
         self.policy = policy if policy is not None else RelayPolicy()
-        self.table = self.policy.table or SessionTable(clock, max_total=10000, max_per_user=10000)
+        table = self.policy.table  # (an empty table is falsy: test for None)
+        self.table = (
+            table if table is not None else SessionTable(clock, max_total=10000, max_per_user=10000)
+        )
         self.events = self.policy.events
         self._bytes_reports: LoopingCall | None = None
         self.tokens = tokens

@@ -23,7 +23,7 @@ from consoleproxy.relay import GuacamoleRelayFactory, RelaySettings
 from consoleproxy.session_events import SessionRecord
 from consoleproxy.tokens import KeyRing, TokenAuthority
 from consoleproxy.web import ConsoleProxyWeb, build_site
-from consoleproxy.websocket import RelayResource
+from consoleproxy.websocket import RelayPolicy, RelayResource
 
 # Cheap Argon2 parameters: the tests check logic, not cost.
 _quick = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
@@ -119,6 +119,7 @@ def start_server(
     http_timeout: float = 60,
     cloud: Any = None,
     keyring: KeyRing | None = None,
+    policy: RelayPolicy | None = None,
 ):  # type: ignore[no-untyped-def]
     """
     Start consoleproxy on C{listen} (a server endpoint string) against guacd on
@@ -136,6 +137,7 @@ def start_server(
             timezone="Europe/Madrid",
         ),
         clock=clock,
+        policy=policy,
     )
     web = ConsoleProxyWeb(TokenApi(cloud, cloud, tokens), RelayResource(relay))
     site = build_site(web, reactor, timeout=http_timeout)

@@ -75,14 +75,20 @@ class ClientFactory(WebSocketClientFactory):
 
 
 def connect(
-    url: str, protocols: list[str] | None = None, origin: str | None = None
+    url: str,
+    protocols: list[str] | None = None,
+    origin: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Deferred[GuacamoleClient]:
     """
     Open a WebSocket to C{url} on 127.0.0.1; fire with the client once the
     TCP connection exists (wait on C{.opened} / C{.closed} for the rest).
     """
     factory = ClientFactory(
-        url, protocols=["guacamole"] if protocols is None else protocols, origin=origin
+        url,
+        protocols=["guacamole"] if protocols is None else protocols,
+        origin=origin,
+        headers=headers,
     )
     factory.setProtocolOptions(openHandshakeTimeout=30, closeHandshakeTimeout=2)
     port = int(url.split(":")[2].split("/", maxsplit=1)[0])
