@@ -51,7 +51,6 @@ from consoleproxy.websocket import (
 from consoleproxy.zones import Zone, ZoneDirectory
 
 SUBPROTOCOL = "guacamole"
-_INTERNAL_PREFIX = f"{len(INTERNAL_OPCODE)}.{INTERNAL_OPCODE}"
 #: What guacamole-common-js sends by itself, without the user: not input.
 _NOT_INPUT = ("4.sync,", "3.nop;", "3.ack,")
 
@@ -318,7 +317,9 @@ class GuacamoleRelayProtocol(RelaySession):
             return
         forward = []
         for instruction in instructions:
-            if instruction.startswith(_INTERNAL_PREFIX):
+            # The internal opcode is the empty one: its length is 0, however written
+            # ("0.", "00.": the parser accepts leading zeros, as guacd does).
+            if instruction.startswith("0") and int(instruction[: instruction.index(".")]) == 0:
                 parts = elements(instruction)
                 if len(parts) > 1 and parts[1] == "ping":
                     self._send(instruction)

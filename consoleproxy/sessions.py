@@ -88,7 +88,9 @@ class SessionTable:
         if self._per_user[user] <= 0:
             del self._per_user[user]
         if not self._users and self.draining:
-            self._fire_drained()
+            # Later, not now: the session is still closing (its observers,
+            # e.g. the audit log, have yet to hear of it).
+            self.clock.callLater(0, self._fire_drained)
 
     def drain(self, grace: float) -> Deferred[None]:
         """

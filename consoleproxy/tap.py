@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,21 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from consoleproxy.api import TokenApi
+from consoleproxy.audit import AuditLog
 from consoleproxy.clients import ClientAddresses, networks
 from consoleproxy.config import Config, ConfigError, example_path
 from consoleproxy.console_page import ConsoleModes, ConsolePage, GuacdProbe
+from consoleproxy.health import (
+    Check,
+    HealthResource,
+    ReadinessResource,
+    guacd_check,
+    inventory_check,
+    oned_check,
+)
 from consoleproxy.http_channel import HttpLimits
 from consoleproxy.inventory import InventoryCloud, InventoryError
+from consoleproxy.metrics import Metrics, MetricsResource
 from consoleproxy.oned import Oned, ServerAdmin
 from consoleproxy.opennebula import OpenNebulaCloud, is_loopback
 from consoleproxy.opennebula_consoles import StatePolicy
@@ -35,6 +46,7 @@ from consoleproxy.ratelimit import RateLimiter
 from consoleproxy.relay import FederationSettings, GuacamoleRelayFactory, RelaySettings
 from consoleproxy.rfb import PURPOSE as RFB_PURPOSE
 from consoleproxy.rfb import RfbRelayFactory, RfbRelayResource, RfbSettings
+from consoleproxy.routing import client_of
 from consoleproxy.session_events import SessionEvents
 from consoleproxy.sessions import SessionTable
 from consoleproxy.ssh import SSHPool, SSHSettings, load_private_key
@@ -177,7 +189,12 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
     table = SessionTable(
         reactor, max_total=config.max_sessions, max_per_user=config.max_sessions_per_user
     )
-    events = SessionEvents()
+    metrics = Metrics()
+    events = SessionEvents(metrics)
+    metrics.watch_tunnels(tunnels)
+    audit = build_audit(config, reactor)
+    if audit is not None:
+        events.add(audit)
     policy = RelayPolicy(
         origins=config.origin_policy(),
         clients=clients,
@@ -228,6 +245,19 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
         modes=ConsoleModes(probe.reachable, rfb=rfb is not None),
         assets=assets,
         operations=Operations(
+            metrics=MetricsResource(
+                metrics.registry,
+                allowed=networks(config.metrics_allow),
+                client=lambda request: client_of(request).host,
+            ),
+            health=HealthResource(),
+            readiness=ReadinessResource(
+                readiness_checks(config, guacd_endpoint, cloud),
+                reactor,
+                timeout=config.ready_timeout,
+                draining=lambda: table.draining,
+            ),
+            observer=metrics,
             limiter=RateLimiter(reactor, config.api_rate, config.api_burst),
             draining=lambda: table.draining,
         ),
@@ -249,13 +279,33 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
             clients=clients,
         ),
         "table": table,
-        "events": events,
+        "metrics": metrics,
+        "audit": audit,
         "relay": relay,
         "rfb": rfb,
         "assets": assets,
         "cloud": cloud,
         "tunnels": tunnels,
     }
+
+
+def build_audit(config: Config, reactor: Any) -> AuditLog | None:
+    """The JSON audit log of C{operations.audit_log}, if any ("-": standard output)."""
+    if not config.audit_log:
+        return None
+    return AuditLog(sys.stdout if config.audit_log == "-" else config.audit_log, reactor)
+
+
+def readiness_checks(config: Config, guacd: Any, cloud: Any) -> dict[str, Check]:
+    """What ``/readyz`` asks: guacd (when configured) and the cloud backend."""
+    checks: dict[str, Check] = {}
+    if config.has_guacd:
+        checks["guacd"] = guacd_check(guacd)
+    if isinstance(cloud, InventoryCloud):
+        checks["cloud"] = inventory_check(cloud)
+    else:
+        checks["cloud"] = oned_check(cloud.oned)
+    return checks
 
 
 def build_cloud(config: Config, reactor: Any) -> Any:
@@ -429,29 +479,56 @@ class ShutdownService(Service):
     SIGINT closes the sessions at once.
     """
 
-    def __init__(self, table: SessionTable, grace: float, reactor: Any, *closers: Any) -> None:
+    def __init__(
+        self,
+        table: SessionTable,
+        grace: float,
+        reactor: Any,
+        *closers: Any,
+        announce: Any = None,
+        reopen: Any = None,
+    ) -> None:
+        """
+        @param announce: called with C{True} when draining starts (metrics).
+        @param reopen: called on SIGHUP (the audit log's rotation).
+        """
         self.table = table
         self.grace = grace
         self.reactor = reactor
         self.closers = closers
+        self.announce = announce
+        self.reopen = reopen
+
+    def startService(self) -> None:
+        super().startService()
+        if self.reopen is not None and _main_thread():
+            reopen = self.reopen
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(reopen))
 
     def stopService(self) -> Any:
         super().stopService()
         self._second_signal_closes_all()
+        if self.announce is not None:
+            self.announce(True)
         drained = self.table.drain(self.grace)
         return drained.addCallback(
             lambda _: gatherResults([maybeDeferred(close) for close in self.closers])
         )
 
     def _second_signal_closes_all(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
+        if not _main_thread():
+            return
 
         def again(signum: int, frame: Any) -> None:
             self.reactor.callFromThread(self.table.close_all)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, again)
+
+
+def _main_thread() -> bool:
+    """Signal handlers can only be set from the main thread (not in tests' threads)."""
+    return threading.current_thread() is threading.main_thread()
 
 
 def makeService(options: Options) -> IService:
@@ -461,8 +538,16 @@ def makeService(options: Options) -> IService:
     closers = [parts["tunnels"].pool.close]
     if hasattr(parts["cloud"], "close"):
         closers.append(parts["cloud"].close)
+    audit = parts["audit"]
+    if audit is not None:
+        closers.append(audit.close)
     ShutdownService(
-        parts["table"], parts["config"].drain_grace, parts["reactor"], *closers
+        parts["table"],
+        parts["config"].drain_grace,
+        parts["reactor"],
+        *closers,
+        announce=parts["metrics"].set_draining,
+        reopen=audit.reopen if audit is not None else None,
     ).setServiceParent(service)
     for endpoint in parts["endpoints"]:
         StreamServerEndpointService(endpoint, parts["site"]).setServiceParent(service)

@@ -100,6 +100,11 @@ class CancelTimersOnLoss:
                 setattr(self, name, None)
 
 
+#: Most frames one message may come in.  Browsers never fragment what they
+#: send; without a cap, empty continuation frames pile up without limit
+#: (Autobahn's message size limit counts bytes, and they have none).
+MAX_FRAGMENTS = 1024
+
 #: Seconds between reports of bytes relayed by open sessions (live counters).
 BYTES_REPORT_INTERVAL = 10.0
 
@@ -241,6 +246,7 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         self._deadline: IDelayedCall | None = None
         self._idle: IDelayedCall | None = None
         self._last_input = 0.0
+        self._fragments = 0
         self.bytes_to_browser = 0
         self.bytes_from_browser = 0
 
@@ -275,6 +281,17 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         @raise GuacamoleError: SERVER_BUSY or CLIENT_TOO_MANY.
         """
         self.factory.table.reserve(self, user)
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        super().onMessageBegin(isBinary)
+        self._fragments = 0
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        self._fragments += 1
+        if self._fragments > MAX_FRAGMENTS:
+            self._fail_connection(1009, f"a message in over {MAX_FRAGMENTS} frames")
+            return
+        super().onMessageFrameBegin(length)
 
     def _refuse(self, status: Status, message: str) -> str:
         """Accept the WebSocket only to close it with C{status} in onOpen."""

@@ -59,6 +59,14 @@ class FrameAttackTests(AdversaryTestCase):
         yield self.assert_undisturbed()
 
     @inlineCallbacks
+    def test_empty_fragment_flood(self):  # type: ignore[no-untyped-def]
+        """Empty continuation frames have no bytes to count: their number is capped."""
+        fragments = [frame(b"", OP_TEXT, fin=False)]
+        fragments += [frame(b"", OP_CONTINUATION, fin=False) for _ in range(5000)]
+        yield self.attack(b"".join(fragments), OVERRUN)
+        yield self.assert_undisturbed()
+
+    @inlineCallbacks
     def test_reserved_bits(self):  # type: ignore[no-untyped-def]
         for rsv in (1, 2, 4, 7):
             yield self.attack(frame(b"3.nop;", rsv=rsv), BAD_REQUEST)
@@ -261,6 +269,8 @@ class OpcodeTests(AdversaryTestCase):
             "0.,6.select,3.vnc;",
             "0.,7.connect,1.x;",
             "0.,0.,4.ping;",
+            "00.,3.foo;",  # the parser accepts leading zeros (as guacd does)
+            "000.,6.select,3.vnc;",
         ]
         for message in internal:
             client.send(text_frame(message))
@@ -273,6 +283,11 @@ class OpcodeTests(AdversaryTestCase):
         yield wait(0.1)
         self.assertEqual(conn.received, [["key", "65", "1"]])
         self.assertEqual(len(client.messages()), 2)
+        padded = "00.,4.ping,1.7;"  # still the internal opcode: echoed, never forwarded
+        client.send(text_frame(padded))
+        messages = yield client.wait_messages(3)
+        self.assertEqual(messages[2], padded)
+        self.assertEqual(conn.received, [["key", "65", "1"]])
         self.assertFalse(client.closed.called)
         yield self.assert_undisturbed()
 

@@ -70,6 +70,7 @@ class TableTests(SynchronousTestCase):
         self.assertEqual([s.shut for s in sessions], [0, 0])
         self.clock.advance(0.1)
         self.assertEqual([s.shut for s in sessions], [1, 1])
+        self.clock.advance(0)
         self.successResultOf(drained)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -78,6 +79,7 @@ class TableTests(SynchronousTestCase):
         self.table.reserve(session, "alice")
         drained = self.table.drain(30)
         self.table.release(session)
+        self.clock.advance(0)
         self.successResultOf(drained)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(session.shut, 0)
@@ -88,6 +90,7 @@ class TableTests(SynchronousTestCase):
         drained = self.table.drain(30)
         self.table.close_all()
         self.assertEqual(session.shut, 1)
+        self.clock.advance(0)
         self.successResultOf(drained)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 

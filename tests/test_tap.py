@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
 import sys
+from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
@@ -17,10 +20,13 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, readBody
 
 from consoleproxy import tap
 from consoleproxy.config import Config, ConfigError, example_path
+from tests.fakeguacd import FakeGuacd
 from tests.support import basic, get_json, wait, write_inventory
+from tests.wsclient import connect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,6 +165,7 @@ class _Twistd(ProcessProtocol):
     errReceived = outReceived
 
     def processEnded(self, reason: Failure) -> None:
+        self.signal = getattr(reason.value, "signal", None)
         self.ended.callback(reason.value.exitCode)
 
 
@@ -170,7 +177,7 @@ class TwistdTests(TestCase):
         os.makedirs(directory)
         code = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
         process = _Twistd()
-        transport = reactor.spawnProcess(
+        process.transport = reactor.spawnProcess(
             process,
             sys.executable,
             [sys.executable, "-c", code, "-n", "--pidfile=", "consoleproxy", *args],
@@ -180,7 +187,7 @@ class TwistdTests(TestCase):
 
         def stop() -> Deferred[int]:
             if not process.ended.called:
-                transport.signalProcess("TERM")
+                process.transport.signalProcess("KILL")
             return process.ended
 
         self.addCleanup(stop)
@@ -213,3 +220,110 @@ class TwistdTests(TestCase):
                 yield wait(0.1)
         self.assertEqual((code, body["message"]), (200, "OK"))
         self.assertEqual(stat.S_IMODE(os.stat(f"{directory}/k").st_mode), 0o600)
+
+
+class TwistdOperationsTests(TestCase):
+    """Metrics, health, the audit log and the drain, in a real twistd process."""
+
+    @inlineCallbacks
+    def start(self, grace: float):  # type: ignore[no-untyped-def]
+        self.guacd = FakeGuacd(reactor)
+        yield self.guacd.start()
+        self.addCleanup(self.guacd.stop)
+        self.port = free_port()
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.audit = f"{directory}/audit.jsonl"
+        config = f"{directory}/consoleproxy.toml"
+        with open(config, "w") as f:
+            f.write(
+                f'[server]\nlisten = ["tcp:{self.port}:interface=127.0.0.1"]\n'
+                f"drain_grace = {grace}\n"
+                f'[guacd]\nendpoint = "tcp:127.0.0.1:{self.guacd.port}"\n'
+                f'[tokens]\nkey_file = "{directory}/k"\n'
+                f'[inventory]\npath = "{write_inventory(directory)}"\n'
+                "[relay]\nallow_missing_origin = true\n"
+                f'[operations]\naudit_log = "{self.audit}"\n'
+            )
+        self.process = TwistdTests.twistd(self, f"--config={config}")  # type: ignore[arg-type]
+        for _ in range(150):
+            try:
+                code, _, body = yield get_json(self.url("/healthz"))
+                break
+            except ConnectError:
+                self.assertFalse(self.process.ended.called, self.process.output)
+                yield wait(0.1)
+        self.assertEqual((code, body), (200, {"status": "ok"}))
+
+    def url(self, path: str) -> bytes:
+        return f"http://127.0.0.1:{self.port}{path}".encode()
+
+    @inlineCallbacks
+    def open_session(self):  # type: ignore[no-untyped-def]
+        code, _, body = yield get_json(self.url("/api/vm/8/guacamole/rdp"), basic("bob", "builder"))
+        self.assertEqual(code, 200)
+        client = yield connect(f"ws://127.0.0.1:{self.port}/guacamole?token={body['data']}")
+        yield client.opened
+        conn = yield self.guacd.wait_for_connection()
+        return client, conn
+
+    @inlineCallbacks
+    def assert_stopped_by_sigterm(self):  # type: ignore[no-untyped-def]
+        """twistd shuts down cleanly, then exits by the signal it got (its way)."""
+        yield self.process.ended
+        self.assertIn(b"Server Shut Down.", self.process.output)
+        self.assertEqual(self.process.signal, 15)
+
+    def audit_events(self) -> list[dict[str, Any]]:
+        with open(self.audit) as f:
+            return [json.loads(line) for line in f]
+
+    @inlineCallbacks
+    def test_operations_then_drain(self):  # type: ignore[no-untyped-def]
+        yield self.start(grace=1.5)
+        client, conn = yield self.open_session()
+        code, _, body = yield get_json(self.url("/readyz"))
+        self.assertEqual(
+            (code, body["status"], body["checks"]), (200, "ready", {"guacd": "ok", "cloud": "ok"})
+        )
+        response = yield Agent(reactor).request(b"GET", self.url("/metrics"))
+        text = (yield readBody(response)).decode()
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        self.assertEqual(
+            samples[("consoleproxy_sessions_open", (("relay", "guacamole"), ("type", "rdp")))], 1
+        )
+        opened = self.audit_events()
+        self.assertEqual(
+            [(e["event"], e["user"], e["vm"], e["client"]) for e in opened],
+            [("session_opened", "bob", 8, "127.0.0.1")],
+        )
+        self.process.transport.signalProcess("TERM")
+        yield wait(0.5)
+        conn.send("sync", "42")  # the session still relays during the grace
+        yield client.wait_messages(2)
+        self.assertIn("4.sync,2.42;", client.text())
+        self.assertFalse(client.closed.called)
+        closed = yield client.closed
+        self.assertEqual(closed, (1001, "523"))
+        yield self.assert_stopped_by_sigterm()
+        last = self.audit_events()[-1]
+        self.assertEqual((last["event"], last["status"]), ("session_closed", 523))
+        self.assertNotIn(b"Traceback", self.process.output)
+
+    @inlineCallbacks
+    def test_second_signal_closes_at_once(self):  # type: ignore[no-untyped-def]
+        yield self.start(grace=60)
+        client, _ = yield self.open_session()
+        self.process.transport.signalProcess("TERM")
+        yield wait(0.3)
+        self.assertFalse(client.closed.called)
+        self.process.transport.signalProcess("TERM")
+        started = reactor.seconds()
+        closed = yield client.closed
+        self.assertEqual(closed, (1001, "523"))
+        self.assertLess(reactor.seconds() - started, 5)
+        yield self.assert_stopped_by_sigterm()
