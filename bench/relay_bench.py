@@ -919,8 +919,13 @@ def collect_checks(results: dict[str, Any]) -> tuple[list[str], float]:
     return sorted(set(errors)), highest
 
 
-def measure(plan: Plan, fleet: Fleet, peers: Path) -> dict[str, Any]:
-    """Start every process, take every figure."""
+SECTIONS = ("capacity", "setup", "throughput", "latency", "rfb", "profile")
+
+
+def measure(
+    plan: Plan, fleet: Fleet, peers: Path, only: tuple[str, ...] = SECTIONS
+) -> dict[str, Any]:
+    """Start every process, take every figure (or those of the sections in C{only})."""
     key = secrets.token_hex(16)  # 32 characters: an AES-256 key, as guacamole-lite takes it
     fakes = fleet.start_fakes()
     cp_port = fleet.start_consoleproxy(fakes["guacd"], fakes["rfb"])
@@ -945,11 +950,13 @@ def measure(plan: Plan, fleet: Fleet, peers: Path) -> dict[str, Any]:
     bench = Bench(plan, fleet, targets)
     results: dict[str, Any] = {"plan": asdict(plan)}
     # Capacity first: RSS is measured before any stream has grown the heaps.
-    results["capacity"] = {t: bench.capacity(t) for t in ("consoleproxy", "guacamole-lite")}
-    results["setup"] = bench.setup()
-    results["throughput"] = bench.throughput()
-    results["latency"] = bench.latency()
-    results["rfb"] = bench.rfb()
+    if "capacity" in only:
+        results["capacity"] = {t: bench.capacity(t) for t in ("consoleproxy", "guacamole-lite")}
+    for section in ("setup", "throughput", "latency", "rfb"):
+        if section in only:
+            results[section] = getattr(bench, section)()
+    if "profile" not in only:
+        return results
     py_spy = peers / "venv" / "bin" / "py-spy"
     results["profile"] = {
         f"{label} stream, 20 sessions": bench.profile(
@@ -975,7 +982,22 @@ def main() -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite relay.md and relay.png from relay.json"
     )
+    parser.add_argument(
+        "--only",
+        default="",
+        help=f"comma-separated sections of {', '.join(SECTIONS)}: print them, write nothing",
+    )
     args = parser.parse_args()
+    if args.only:
+        only = tuple(args.only.split(","))
+        directory = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+        fleet = Fleet(args.peers, directory)
+        try:
+            partial = measure(QUICK if args.quick else FULL, fleet, args.peers, only)
+        finally:
+            fleet.stop()
+        print(json.dumps(partial, indent=1))
+        return
     if args.report_only:
         write_report(json.loads((RESULTS / "relay.json").read_text()), args.peers)
         return

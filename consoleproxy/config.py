@@ -20,7 +20,7 @@ The keys, by section (see ``consoleproxy/examples/consoleproxy.toml``)::
     [rfb]       enabled (the raw VNC relay for noVNC), handshake_timeout
     [console]   node_modules (where npm installed the page's libraries)
     [cloud]     backend ("inventory" or "opennebula")
-    [inventory] path
+    [inventory] path, password_cache
     [federation] origin, trust_roots, timeout, zone_refresh
     [zones.<id>] url
     [tunnels]   default, user, ssh_port, keys, passphrase_file, agent,
@@ -116,6 +116,7 @@ class Config:
     inventory: str = field(
         default_factory=lambda: example_path("inventory.toml"), metadata=_key("inventory.path")
     )
+    password_cache: float = field(default=60.0, metadata=_key("inventory.password_cache"))
     cloud: str = field(default="inventory", metadata=_key("cloud.backend"))
     one_xmlrpc: str = field(
         default="http://localhost:2633/RPC2", metadata=_key("opennebula.xmlrpc")
@@ -249,6 +250,7 @@ class Config:
 
     def _check_hardening(self) -> None:
         _number(self, "request_timeout", 1, 3600)
+        _number(self, "password_cache", 0, 86400)
         _whole(self, "max_header_bytes", 1024, 1048576)
         _whole(self, "max_body_bytes", 0, 16777216)
         _number(self, "drain_grace", 0, 86400)
@@ -378,7 +380,7 @@ class Config:
         endpoints = []
         for description in self.listen:
             try:
-                endpoints.append(serverFromString(reactor, description))
+                endpoints.append(serverFromString(reactor, with_backlog(description)))
             except Exception as e:
                 raise ConfigError(
                     self.key_of("listen"), f"bad endpoint {description!r}: {_why(e)}"
@@ -414,6 +416,20 @@ class NoGuacd:
     def connect(self, protocolFactory: Any) -> Deferred[Any]:
         """Fail at once: there is no guacd."""
         return fail(ConnectError(string="no guacd is configured (guacd.endpoint = none)"))
+
+
+#: The listen queue of a tcp: or ssl: endpoint that does not set one.  Twisted's
+#: default, 50, overflows when a page of consoles opens at once: the kernel
+#: drops the SYNs and the clients retry a second later.
+DEFAULT_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """C{description} with C{backlog=DEFAULT_BACKLOG} added to tcp:/ssl: endpoints."""
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "ssl") and ":backlog=" not in description:
+        return f"{description}:backlog={DEFAULT_BACKLOG}"
+    return description
 
 
 def _number(config: Config, name: str, low: float, high: float) -> None:

@@ -27,11 +27,12 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.web.server import Request
 
 from consoleproxy.consoles import CONSOLE_TYPES
 from consoleproxy.errors import ApiError, Unauthenticated
+from consoleproxy.factories import quiet_factory
 from consoleproxy.interfaces import IAuthenticator
 from consoleproxy.routing import json_body
 from consoleproxy.web_assets import StaticFiles
@@ -205,7 +206,7 @@ class GuacdProbe:
             self._waiting.append(result)
             return result
         self._waiting = [result]
-        attempt = self.endpoint.connect(Factory.forProtocol(_Probe))
+        attempt = self.endpoint.connect(quiet_factory(_Probe))
         attempt.addTimeout(self.timeout, self.clock)
         attempt.addCallbacks(lambda _: True, lambda _: False)
         attempt.addCallback(self._answered)

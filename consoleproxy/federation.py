@@ -87,6 +87,7 @@ class ZoneHop(CancelTimersOnLoss, WebSocketClientProtocol):
 
 
 class _HopFactory(WebSocketClientFactory):
+    noisy = False  # no "Starting factory" log lines per hop
     protocol = ZoneHop
 
 

@@ -32,10 +32,12 @@ from service_identity import VerificationError
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from consoleproxy.factories import SingleProtocolFactory
+from consoleproxy.fastwrite import write_now
 from consoleproxy.instructions import InstructionError, InstructionStream, elements, encode
 from consoleproxy.status import GuacamoleError, Status
 
@@ -205,7 +207,7 @@ class GuacdProtocol(Protocol):
     def _send(self, data: str) -> None:
         raw = data.encode("utf-8")
         self.bytes_to_guacd += len(raw)
-        self.transport.write(raw)
+        write_now(self.transport, (raw,))
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes_from_guacd += len(data)
@@ -341,20 +343,10 @@ def connect_guacd(
         if protocol.transport is not None:
             protocol.transport.abortConnection()
 
-    connecting = endpoint.connect(_SingleFactory(protocol))
+    connecting = endpoint.connect(SingleProtocolFactory(protocol))
     connecting.addCallback(connected)
     connecting.addErrback(unreachable)
     connecting.addCallbacks(lambda _: finish(protocol), finish)
     if not result.called:
         timer.append(clock.callLater(timeout, timed_out))
     return result
-
-
-class _SingleFactory(Factory):
-    """Hands out one prepared protocol instance."""
-
-    def __init__(self, protocol: Protocol) -> None:
-        self._protocol = protocol
-
-    def buildProtocol(self, addr: object) -> Protocol:
-        return self._protocol

@@ -32,7 +32,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -40,6 +40,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from consoleproxy.errors import Unauthenticated
+from consoleproxy.factories import quiet_factory
 from consoleproxy.inventory import InventoryCloud
 from consoleproxy.oned import Oned
 from consoleproxy.routing import json_body
@@ -224,7 +225,7 @@ def guacd_check(endpoint: IStreamClientEndpoint) -> Check:
     """
 
     def check() -> Deferred[None]:
-        connecting = endpoint.connect(Factory.forProtocol(_Connected))
+        connecting = endpoint.connect(quiet_factory(_Connected))
         return connecting.addCallback(lambda protocol: protocol.done)
 
     return check

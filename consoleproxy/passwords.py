@@ -6,20 +6,32 @@ at most a few at a time (each Argon2 check takes tens of MiB of memory).
 Unknown users are checked against a dummy hash so that a wrong user name
 costs as much time as a wrong password.
 
+A successful check is remembered for a short while (C{cache_seconds}), so
+that a user opening console after console pays for Argon2 once, not per
+token.  What is remembered is an HMAC, under a key made at start-up and
+never stored, of the hash and the password: no password is kept, a changed
+hash in the inventory no longer matches, and failures are never remembered
+(the rate limit is their answer).
+
 ``consoleproxy-passwd`` prints a hash for the inventory file.
 """
 
 from __future__ import annotations
 
 import getpass
+import hashlib
+import hmac
+import os
 import sys
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 
 _hasher = PasswordHasher()
 _DUMMY_HASH = _hasher.hash("consoleproxy: no such user")
@@ -50,14 +62,24 @@ class PasswordVerifier:
 
     @param run_in_thread: C{f(callable, *args) -> Deferred}; by default the
         reactor's thread pool.
+    @param cache_seconds: how long a successful check is remembered; 0: never.
     """
+
+    #: Most successful checks remembered at once (the oldest are forgotten).
+    MAX_REMEMBERED = 10000
 
     def __init__(
         self,
         reactor: Any,
         concurrency: int = 2,
         run_in_thread: Callable[..., Deferred[bool]] | None = None,
+        cache_seconds: float = 0.0,
     ) -> None:
+        self._clock = reactor
+        self._cache_seconds = cache_seconds
+        self._key = os.urandom(32)
+        self._remembered: OrderedDict[bytes, float] = OrderedDict()
+        self._checking: dict[bytes, list[Deferred[bool]]] = {}
         if run_in_thread is None:
 
             def run_in_thread(f: Callable[..., bool], *args: Any) -> Deferred[bool]:
@@ -68,7 +90,41 @@ class PasswordVerifier:
 
     def verify(self, password_hash: str | None, password: str) -> Deferred[bool]:
         """Fire with whether C{password} matches C{password_hash}."""
-        return self._semaphore.run(self._run, verify_password, password_hash, password)
+        if password_hash is None or self._cache_seconds <= 0:
+            return self._semaphore.run(self._run, verify_password, password_hash, password)
+        mac = hmac.new(
+            self._key, password_hash.encode() + b"\0" + password.encode(), hashlib.sha256
+        ).digest()
+        now = self._clock.seconds()
+        expires = self._remembered.get(mac)
+        if expires is not None and expires > now:
+            return succeed(True)
+        waiting = self._checking.get(mac)
+        if waiting is not None:
+            # The same check is under way (a burst of requests): share its answer.
+            answer: Deferred[bool] = Deferred()
+            waiting.append(answer)
+            return answer
+        self._checking[mac] = []
+
+        def remember(ok: bool) -> bool:
+            if ok:
+                self._remembered.pop(mac, None)
+                self._remembered[mac] = self._clock.seconds() + self._cache_seconds
+                while len(self._remembered) > self.MAX_REMEMBERED:
+                    self._remembered.popitem(last=False)
+            return ok
+
+        def share(outcome: Any) -> Any:
+            for answer in self._checking.pop(mac, []):
+                if isinstance(outcome, Failure):
+                    answer.errback(outcome)
+                else:
+                    answer.callback(outcome)
+            return outcome
+
+        verified = self._semaphore.run(self._run, verify_password, password_hash, password)
+        return verified.addCallback(remember).addBoth(share)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ from consoleproxy.status import GuacamoleError, Status
 from consoleproxy.tokens import Claims, TokenAuthority, TokenError
 from consoleproxy.tunnels import Route
 from consoleproxy.websocket import (
+    MAX_OUTGOING_MESSAGE,
     RelayFactory,
     RelayPolicy,
     RelaySession,
@@ -196,7 +197,8 @@ class GuacamoleRelayProtocol(RelaySession):
                 origin=hop.origin,
                 trust_roots=hop.trust_roots,
                 timeout=hop.timeout,
-                max_message_size=self.factory.max_message_size,
+                # The remote relay's messages are as large as ours to browsers.
+                max_message_size=MAX_OUTGOING_MESSAGE,
             )
 
         return (
@@ -230,7 +232,7 @@ class GuacamoleRelayProtocol(RelaySession):
     def _from_zone(self, payload: bytes, binary: bool) -> None:
         if self.state == self.STATE_OPEN:
             self.bytes_to_browser += len(payload)
-            self.sendMessage(payload, isBinary=binary)
+            self._send_message(payload, binary)
 
     def _zone_closed(self, code: int | None, reason: str | None) -> None:
         """The remote zone closed: close the browser's side the same way."""
@@ -280,9 +282,9 @@ class GuacamoleRelayProtocol(RelaySession):
             return  # closing: guacd's side is being closed too
         payload = instructions.encode("utf-8")
         self.bytes_to_browser += len(payload)
-        limit = self.factory.max_message_size
+        limit = MAX_OUTGOING_MESSAGE
         if len(payload) <= limit:
-            self.sendMessage(payload, isBinary=False)
+            self._send_message(payload, False)
             return
         # Rare (a read larger than the limit): cut at instruction boundaries.
         batch: list[bytes] = []
@@ -290,11 +292,11 @@ class GuacamoleRelayProtocol(RelaySession):
         for instruction in split(instructions):
             raw = instruction.encode("utf-8")
             if batch and size + len(raw) > limit:
-                self.sendMessage(b"".join(batch), isBinary=False)
+                self._send_message(b"".join(batch), False)
                 batch, size = [], 0
             batch.append(raw)
             size += len(raw)
-        self.sendMessage(b"".join(batch), isBinary=False)
+        self._send_message(b"".join(batch), False)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._hop is not None:  # the remote relay checks what the browser sends

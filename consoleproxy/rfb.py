@@ -51,15 +51,18 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
+from consoleproxy.factories import SingleProtocolFactory
+from consoleproxy.fastwrite import write_now
 from consoleproxy.interfaces import ITunnels
 from consoleproxy.rfb_input import RfbInputWatch
 from consoleproxy.status import GuacamoleError, Status
 from consoleproxy.tokens import TokenAuthority, TokenError
 from consoleproxy.tunnels import Route
 from consoleproxy.websocket import (
+    MAX_OUTGOING_MESSAGE,
     RelayFactory,
     RelayPolicy,
     RelayResource,
@@ -386,16 +389,6 @@ class VncUpstream(Protocol):
             self.closed.callback(None)
 
 
-class _SingleFactory(Factory):
-    noisy = False
-
-    def __init__(self, protocol: Protocol) -> None:
-        self._protocol = protocol
-
-    def buildProtocol(self, addr: object) -> Protocol:
-        return self._protocol
-
-
 def connect_vnc(
     endpoint: IStreamClientEndpoint,
     password: str | None,
@@ -454,7 +447,7 @@ def connect_vnc(
         if protocol.transport is not None:
             protocol.transport.abortConnection()
 
-    connecting = endpoint.connect(_SingleFactory(protocol))
+    connecting = endpoint.connect(SingleProtocolFactory(protocol))
     connecting.addCallback(lambda _: protocol.ready)
     connecting.addErrback(unreachable)
     connecting.addBoth(finish)
@@ -655,9 +648,8 @@ class RfbRelayProtocol(RelaySession):
         if self.state != self.STATE_OPEN or self._close_status is not None:
             return
         self.bytes_to_browser += len(data)
-        limit = self.factory.max_message_size
-        for start in range(0, len(data), limit):
-            self.sendMessage(data[start : start + limit], isBinary=True)
+        for start in range(0, len(data), MAX_OUTGOING_MESSAGE):
+            self._send_message(data[start : start + MAX_OUTGOING_MESSAGE], True)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._upstream is None or self._close_status is not None:
@@ -681,7 +673,7 @@ class RfbRelayProtocol(RelaySession):
             self._touch()
         upstream = self._upstream
         if upstream is not None and upstream.transport is not None:
-            upstream.transport.write(data)
+            write_now(upstream.transport, (data,))
 
     # -- closing -------------------------------------------------------------------
 

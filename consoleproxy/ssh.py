@@ -38,12 +38,12 @@ from twisted.conch.ssh.transport import (
 )
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
-from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
+from consoleproxy.factories import SingleProtocolFactory, quiet_factory
 from consoleproxy.status import GuacamoleError, Status
 
 #: Bytes a channel may receive before we re-grant window: what one console
@@ -424,7 +424,7 @@ class SSHHost:
         agent_step: Deferred[Any] = succeed(None)
         if self.settings.agent_socket:
             agent_step = UNIXClientEndpoint(reactor, self.settings.agent_socket).connect(
-                Factory.forProtocol(agent.SSHAgentClient)
+                quiet_factory(agent.SSHAgentClient)
             )
 
         def with_agent(client: Any) -> Deferred[Any]:
@@ -433,7 +433,7 @@ class SSHHost:
             endpoint = HostnameEndpoint(
                 reactor, self.host, self.port, timeout=self.settings.connect_timeout
             )
-            return endpoint.connect(_SingleUse(self._transport))
+            return endpoint.connect(SingleProtocolFactory(self._transport))
 
         def unreachable(failure: Failure) -> None:
             self._fail_waiting(
@@ -566,14 +566,6 @@ class SSHHost:
         waiters, self._lost_waiters = self._lost_waiters, []
         for waiter in waiters:
             waiter.callback(None)
-
-
-class _SingleUse(Factory):
-    def __init__(self, protocol: Any) -> None:
-        self._protocol = protocol
-
-    def buildProtocol(self, addr: object) -> Any:
-        return self._protocol
 
 
 class SSHPool:

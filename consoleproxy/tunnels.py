@@ -25,12 +25,13 @@ from typing import Any
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
-from twisted.internet.protocol import Factory, Protocol, ServerFactory
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from consoleproxy.consoles import Console
+from consoleproxy.factories import quiet_factory
 from consoleproxy.interfaces import ITunnels
 from consoleproxy.ssh import DirectTcpipChannel, SSHPool, TunnelError
 from consoleproxy.status import Status
@@ -232,7 +233,7 @@ class Tunnels:
             protocol.transport.abortConnection()
             return True
 
-        d = endpoint.connect(Factory.forProtocol(Protocol)).addCallbacks(connected, lambda _: False)
+        d = endpoint.connect(quiet_factory(Protocol)).addCallbacks(connected, lambda _: False)
         return d.addCallback(answer)
 
 

@@ -22,6 +22,7 @@ and the raw VNC relay (rfb.py).
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -37,6 +38,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
 from consoleproxy.clients import Client, ClientAddresses
+from consoleproxy.fastwrite import write_now
 from consoleproxy.interfaces import ITunnels
 from consoleproxy.origins import OriginPolicy
 from consoleproxy.routing import json_body
@@ -104,6 +106,13 @@ class CancelTimersOnLoss:
 #: send; without a cap, empty continuation frames pile up without limit
 #: (Autobahn's message size limit counts bytes, and they have none).
 MAX_FRAGMENTS = 1024
+
+#: Bytes read from a socket at once, and buffered for it before its peer is
+#: paused (Twisted's default is 64 KiB): fewer, larger reads and messages.
+RELAY_BUFFER = 256 * 1024
+#: Largest message sent to a browser: one read plus an unfinished instruction
+#: is far less.  (The browser's own messages are capped by max_message_size.)
+MAX_OUTGOING_MESSAGE = 1 << 20
 
 #: Seconds between reports of bytes relayed by open sessions (live counters).
 BYTES_REPORT_INTERVAL = 10.0
@@ -178,8 +187,10 @@ class RelayFactory(WebSocketServerFactory):
         self._batched_timer = ClockTimer(clock)
         self.setProtocolOptions(
             webStatus=False,
-            maxFramePayloadSize=max_message_size,
-            maxMessagePayloadSize=max_message_size,
+            # The browser's frames and messages are capped in onMessageFrameBegin
+            # (Autobahn's own caps would also cap what we send).
+            maxFramePayloadSize=0,
+            maxMessagePayloadSize=0,
             # The upstream's handshake may take its full timeout before we answer.
             openHandshakeTimeout=handshake_timeout + 5,
             closeHandshakeTimeout=2,
@@ -252,6 +263,17 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
 
     # -- opening -------------------------------------------------------------------
 
+    def _connectionMade(self) -> None:
+        # Autobahn copies the factory's options onto the protocol here, and
+        # pretty-prints all of them for a debug line it formats even when
+        # debug is off: a tenth of the CPU of opening a session.  Copy them
+        # first, so that its loop has nothing left to copy or print.
+        for name in WebSocketServerProtocol.CONFIG_ATTRS:
+            if not hasattr(self, name):
+                setattr(self, name, getattr(self.factory, name))
+        self.CONFIG_ATTRS = ()
+        super()._connectionMade()
+
     def processHandshake(self) -> None:
         # Autobahn re-runs the handshake parser on every read while onConnect's
         # Deferred is pending; the transport is paused then, but be certain.
@@ -287,11 +309,39 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         self._fragments = 0
 
     def onMessageFrameBegin(self, length: int) -> None:
+        # Called on a frame's header, before its payload is read: a frame that
+        # announces too much is refused before anything is buffered.
         self._fragments += 1
         if self._fragments > MAX_FRAGMENTS:
             self._fail_connection(1009, f"a message in over {MAX_FRAGMENTS} frames")
             return
+        limit = self.factory.max_message_size
+        if self.message_data_total_length + length > limit:
+            self.wasMaxMessagePayloadSizeExceeded = True
+            self._fail_connection(1009, f"a message over {limit} bytes")
+            return
         super().onMessageFrameBegin(length)
+
+    def _send_message(self, payload: bytes, binary: bool) -> None:
+        """
+        Send one message as one frame, written straight to the transport.
+
+        Autobahn's C{sendMessage} does the same with several layers of
+        bookkeeping per message; a server's frames are not masked and no
+        extension (compression) is ever negotiated here, so the frame is
+        just a header and the payload.
+        """
+        if self.state != self.STATE_OPEN:
+            return
+        size = len(payload)
+        first = 0x82 if binary else 0x81
+        if size < 126:
+            header = struct.pack("!BB", first, size)
+        elif size < 65536:
+            header = struct.pack("!BBH", first, 126, size)
+        else:
+            header = struct.pack("!BBQ", first, 127, size)
+        write_now(self.transport, (header, payload))
 
     def _refuse(self, status: Status, message: str) -> str:
         """Accept the WebSocket only to close it with C{status} in onOpen."""
@@ -417,8 +467,17 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         self.factory.events.session_closed(record)
 
     def _couple(self, upstream: Any) -> None:
-        """Each side's transport pauses the other: bounded memory per session."""
+        """
+        Each side's transport pauses the other: bounded memory per session
+        (at most L{RELAY_BUFFER} or so each way).  The upstream also gets
+        TCP_NODELAY: a console's small instructions must not wait for Nagle.
+        """
         if upstream is not None:
+            for transport in (self.transport, upstream):
+                if isinstance(getattr(transport, "bufferSize", None), int):
+                    transport.bufferSize = RELAY_BUFFER
+            if hasattr(upstream, "setTcpNoDelay"):
+                upstream.setTcpNoDelay(True)
             self.transport.registerProducer(upstream, True)
             upstream.registerProducer(self.transport, True)
 

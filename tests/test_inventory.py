@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import os
 
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from consoleproxy.config import example_path
 from consoleproxy.consoles import Identity
 from consoleproxy.errors import BadRequest, Forbidden, NotFound, Unauthenticated
 from consoleproxy.inventory import Inventory, InventoryCloud, InventoryError, parse_basic
-from consoleproxy.passwords import verify_password
-from tests.support import basic, inventory_text, synchronous_verifier, write_inventory
+from consoleproxy.passwords import PasswordVerifier, verify_password
+from tests.support import (
+    basic,
+    inventory_text,
+    quick_hash,
+    synchronous_verifier,
+    write_inventory,
+)
 
 
 class ParseTests(SynchronousTestCase):
@@ -105,3 +113,73 @@ class BasicTests(SynchronousTestCase):
         self.assertEqual(parse_basic(basic("jörg", "pässwörd")), ("jörg", "pässwörd"))
         self.assertIsNone(parse_basic(b"Basic " + b"A" * 5000))
         self.assertIsNone(parse_basic(b"Basic " + b"\xff\xfe"))
+
+
+class PasswordCacheTests(SynchronousTestCase):
+    """A successful check is remembered for a while; nothing else is."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.checks: list[str] = []
+
+        def run_in_thread(f, *args):  # type: ignore[no-untyped-def]
+            self.checks.append(args[1])
+            return succeed(f(*args))
+
+        self.verifier = PasswordVerifier(self.clock, run_in_thread=run_in_thread, cache_seconds=60)
+        self.hash = quick_hash("s3cret")
+
+    def verify(self, password: str, password_hash: str | None = None) -> bool:
+        return self.successResultOf(self.verifier.verify(password_hash or self.hash, password))
+
+    def test_success_remembered_until_it_expires(self) -> None:
+        self.assertTrue(self.verify("s3cret"))
+        self.assertTrue(self.verify("s3cret"))
+        self.assertEqual(self.checks, ["s3cret"])
+        self.clock.advance(60)
+        self.assertTrue(self.verify("s3cret"))
+        self.assertEqual(len(self.checks), 2)
+
+    def test_failures_and_other_passwords_always_checked(self) -> None:
+        self.assertTrue(self.verify("s3cret"))
+        self.assertFalse(self.verify("wrong"))
+        self.assertFalse(self.verify("wrong"))
+        self.assertFalse(self.verify("s3cret" + "\0"))
+        self.assertEqual(self.checks, ["s3cret", "wrong", "wrong", "s3cret\0"])
+
+    def test_a_changed_hash_is_checked_again(self) -> None:
+        self.assertTrue(self.verify("s3cret"))
+        self.assertFalse(self.verify("s3cret", quick_hash("n3w")))
+        self.assertEqual(len(self.checks), 2)
+
+    def test_unknown_users_and_no_cache(self) -> None:
+        self.assertFalse(self.successResultOf(self.verifier.verify(None, "s3cret")))
+        uncached = PasswordVerifier(
+            self.clock, run_in_thread=lambda f, *a: succeed(f(*a)), cache_seconds=0
+        )
+        self.assertTrue(self.successResultOf(uncached.verify(self.hash, "s3cret")))
+        self.assertEqual(len(uncached._remembered), 0)
+
+    def test_bounded(self) -> None:
+        self.verifier.MAX_REMEMBERED = 3
+        hashes = [quick_hash(f"p{i}") for i in range(5)]
+        for i, h in enumerate(hashes):
+            self.assertTrue(self.verify(f"p{i}", h))
+        self.assertEqual(len(self.verifier._remembered), 3)
+        self.assertTrue(self.verify("p0", hashes[0]))  # forgotten: checked again
+        self.assertEqual(len(self.checks), 6)
+
+    def test_a_burst_of_the_same_check_costs_one(self) -> None:
+        pending: list[Deferred[bool]] = []
+        verifier = PasswordVerifier(
+            self.clock,
+            run_in_thread=lambda f, *a: pending.append(Deferred()) or pending[-1],
+            cache_seconds=60,
+        )
+        answers = [verifier.verify(self.hash, "s3cret") for _ in range(5)]
+        other = verifier.verify(self.hash, "wrong")
+        self.assertEqual(len(pending), 2)  # one check each for the two passwords
+        pending[0].callback(True)
+        self.assertEqual([self.successResultOf(a) for a in answers], [True] * 5)
+        pending[1].callback(False)
+        self.assertFalse(self.successResultOf(other))

@@ -23,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 
 from consoleproxy import tap
-from consoleproxy.config import Config, ConfigError, example_path
+from consoleproxy.config import Config, ConfigError, example_path, with_backlog
 from tests.fakeguacd import FakeGuacd
 from tests.support import basic, get_json, wait, write_inventory
 from tests.wsclient import connect
@@ -327,3 +327,17 @@ class TwistdOperationsTests(TestCase):
         self.assertEqual(closed, (1001, "523"))
         self.assertLess(reactor.seconds() - started, 5)
         yield self.assert_stopped_by_sigterm()
+
+
+class BacklogTests(SynchronousTestCase):
+    def test_listen_strings_get_a_deep_queue(self) -> None:
+        self.assertEqual(with_backlog("tcp:2616"), "tcp:2616:backlog=1024")
+        self.assertEqual(
+            with_backlog("ssl:443:privateKey=k.pem"), "ssl:443:privateKey=k.pem:backlog=1024"
+        )
+        self.assertEqual(with_backlog("tcp:2616:backlog=10"), "tcp:2616:backlog=10")
+        self.assertEqual(with_backlog("unix:/run/cp.sock"), "unix:/run/cp.sock")
+        endpoint = Config.load(
+            overrides={"listen": ["tcp:0:interface=127.0.0.1"]}
+        ).server_endpoints(reactor)[0]
+        self.assertEqual(endpoint._backlog, 1024)
