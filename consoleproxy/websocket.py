@@ -274,6 +274,56 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         self.CONFIG_ATTRS = ()
         super()._connectionMade()
 
+    def dataReceived(self, data: bytes) -> None:
+        # The common case of an open session, a browser's message in one
+        # whole masked frame, is read here; anything else (control frames,
+        # fragments, partial or large frames, bad UTF-8, any protocol error)
+        # goes to Autobahn, from the first byte it was not given before.
+        if (
+            self.state == self.STATE_OPEN
+            and not self.data
+            and self.current_frame is None
+            and not self.inside_message
+        ):
+            data = self._whole_frames(data)
+            if not data:
+                return
+        super().dataReceived(data)
+
+    def _whole_frames(self, data: bytes) -> bytes:
+        """Deliver the leading whole, simple frames of C{data}; return the rest."""
+        limit = self.factory.max_message_size
+        while len(data) >= 6 and self.state == self.STATE_OPEN:
+            first, second = data[0], data[1]
+            # FIN, no RSV bits, text or binary; masked (as browsers must).
+            if first not in (0x81, 0x82) or not second & 0x80:
+                break
+            size = second & 0x7F
+            start = 6
+            if size == 126:
+                if len(data) < 8:
+                    break
+                size = int.from_bytes(data[2:4], "big")
+                start = 8
+            elif size == 127:
+                break  # 64 KiB or more: Autobahn checks and refuses it
+            end = start + size
+            if size > limit or len(data) < end:
+                break
+            mask = data[start - 4 : start]
+            masked = int.from_bytes(data[start:end], "little")
+            key = int.from_bytes(mask * (size // 4 + 1), "little")
+            payload = (masked ^ key).to_bytes(size + 4, "little")[:size]
+            binary = first == 0x82
+            if not binary:
+                try:
+                    payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    break  # Autobahn closes with 1007
+            data = data[end:]
+            self.onMessage(payload, binary)
+        return data
+
     def processHandshake(self) -> None:
         # Autobahn re-runs the handshake parser on every read while onConnect's
         # Deferred is pending; the transport is paused then, but be certain.

@@ -13,7 +13,15 @@ from twisted.internet.defer import inlineCallbacks
 from consoleproxy.instructions import encode
 from tests.adversary import AdversaryTestCase, until
 from tests.fakeguacd import DEFAULT_ARGS, Behaviour
-from tests.rawws import OP_BINARY, OP_CONTINUATION, OP_TEXT, frame, text_frame, upgrade_request
+from tests.rawws import (
+    OP_BINARY,
+    OP_CONTINUATION,
+    OP_PING,
+    OP_TEXT,
+    frame,
+    text_frame,
+    upgrade_request,
+)
 from tests.support import wait
 from tests.test_relay import ALICE, SSH, VNC
 
@@ -389,4 +397,50 @@ class QueryInjectionTests(AdversaryTestCase):
         self.assertEqual(
             conn.connect, self.expected(SSH, **{"font-name": font, "color-scheme": "x;y"})
         )
+        yield self.assert_undisturbed()
+
+
+class FrameReadingTests(AdversaryTestCase):
+    """
+    The relay reads whole simple frames itself and leaves the rest to Autobahn:
+    whichever reads a frame, the browser's instructions reach guacd in order.
+    """
+
+    @inlineCallbacks
+    def test_every_kind_of_frame_in_order(self):  # type: ignore[no-untyped-def]
+        client, conn = yield self.attack_session()
+        keys = [encode("key", str(n), "1") for n in range(12)]
+        fragmented = encode("key", "100", "1")
+        stream = b"".join(
+            [
+                text_frame(keys[0] + keys[1]) + text_frame(keys[2]),  # whole frames, one read
+                text_frame(encode("clipboard", "0", "x" * 492)),  # 513 = 0x0201 bytes
+                frame(b"p", OP_PING),  # a control frame between them: Autobahn's
+                text_frame(keys[3]),
+                frame(fragmented[:5].encode(), OP_TEXT, fin=False),  # a fragmented message
+                frame(fragmented[5:].encode(), OP_CONTINUATION),
+                text_frame(keys[4]),
+                text_frame(encode("clipboard", "0", EMOJI * 300 + "é" * 7000)),  # 16-bit length
+            ]
+        )
+        split = text_frame(keys[5])
+        client.send(stream + split[:3])  # ...and a frame cut across two reads
+        yield wait(0.05)
+        client.send(split[3:] + text_frame(keys[6]))
+        expected = [["key", str(n), "1"] for n in range(3)]
+        expected += [["clipboard", "0", "x" * 492], ["key", "3", "1"]]
+        expected += [["key", "100", "1"], ["key", "4", "1"]]
+        expected += [["clipboard", "0", EMOJI * 300 + "é" * 7000]]
+        expected += [["key", "5", "1"], ["key", "6", "1"]]
+        yield until(lambda: len(conn.received) >= len(expected), "every instruction")
+        self.assertEqual(conn.received, expected)
+        self.assertFalse(client.closed.called)
+        yield self.assert_undisturbed()
+
+    @inlineCallbacks
+    def test_bad_utf8_in_a_whole_frame_is_still_refused(self):  # type: ignore[no-untyped-def]
+        client, conn = yield self.attack_session()
+        client.send(text_frame(encode("key", "1", "1")) + frame(b"3.key,1.\xff,1.1;"))
+        yield self.closed_with(client, BAD_UTF8)
+        self.assertEqual(conn.received, [["key", "1", "1"]])
         yield self.assert_undisturbed()
