@@ -76,6 +76,8 @@ class Client:
         The key to count this client's requests under: its address, or for
         IPv6 its /64 (one host usually owns a whole /64).
         """
+        if ":" not in self.host:
+            return self.host  # IPv4 (or "-"): already the key, no parsing needed
         try:
             address = ipaddress.ip_address(self.host)
         except ValueError:

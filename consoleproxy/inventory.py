@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -166,14 +167,26 @@ class InventoryCloud:
 
     @param path: the inventory file.
     @param verifier: checks passwords off the reactor thread.
+    @param clock: with one, the file is looked at no more than once every
+        L{CHECK_INTERVAL} seconds (a busy server asks several times per
+        request); without, at every request.
     """
 
     name = "inventory"
     log = Logger()
+    #: Seconds between looks at the file, when there is a clock.
+    CHECK_INTERVAL = 1.0
 
-    def __init__(self, path: str | os.PathLike[str], verifier: PasswordVerifier) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        verifier: PasswordVerifier,
+        clock: IReactorTime | None = None,
+    ) -> None:
         self.path = Path(path)
         self._verifier = verifier
+        self._clock = clock
+        self._next_check = 0.0
         self._stamp: tuple[int, int] | None = None
         self._reload_error: str | None = None
         self.inventory = self._load()
@@ -190,6 +203,11 @@ class InventoryCloud:
 
     def _current(self) -> Inventory:
         """The inventory, re-read first if the file changed since the last read."""
+        if self._clock is not None:
+            now = self._clock.seconds()
+            if now < self._next_check:
+                return self.inventory
+            self._next_check = now + self.CHECK_INTERVAL
         try:
             stat = self.path.stat()
         except OSError:

@@ -317,7 +317,9 @@ def build_cloud(config: Config, reactor: Any) -> Any:
     if config.cloud == "inventory":
         try:
             return InventoryCloud(
-                config.inventory, PasswordVerifier(reactor, cache_seconds=config.password_cache)
+                config.inventory,
+                PasswordVerifier(reactor, cache_seconds=config.password_cache),
+                clock=reactor,
             )
         except InventoryError as e:
             raise ConfigError(Config.key_of("inventory"), str(e)) from e

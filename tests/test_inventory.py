@@ -101,6 +101,21 @@ class CloudTests(SynchronousTestCase):
         errors = self.flushLoggedErrors()
         self.assertEqual(errors, [])
 
+    def test_with_a_clock_the_file_is_looked_at_once_a_second(self) -> None:
+        clock = Clock()
+        cloud = InventoryCloud(self.path, synchronous_verifier(), clock=clock)
+        with open(self.path, "w") as f:
+            f.write(inventory_text().replace('users = ["alice"]', 'users = ["alice", "bob"]'))
+        os.utime(self.path, ns=(2, 2))
+        self.successResultOf(cloud.console(Identity("bob"), 7, "vnc", None))  # first look
+        with open(self.path, "w") as f:
+            f.write(inventory_text())
+        os.utime(self.path, ns=(3, 3))
+        clock.advance(0.5)
+        self.successResultOf(cloud.console(Identity("bob"), 7, "vnc", None))  # not yet
+        clock.advance(0.5)
+        self.assertRaises(Forbidden, cloud.console, Identity("bob"), 7, "vnc", None)
+
     def test_missing_file(self) -> None:
         self.assertRaises(
             InventoryError, InventoryCloud, self.path + ".nope", synchronous_verifier()
