@@ -9,6 +9,7 @@ parts together.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -505,6 +506,9 @@ class ShutdownService(Service):
 
     def startService(self) -> None:
         super().startService()
+        # Everything built so far lives as long as the process: keep it out of
+        # the collector's way, so that its pauses scale with the sessions only.
+        gc.freeze()
         if self.reopen is not None and _main_thread():
             reopen = self.reopen
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(reopen))
