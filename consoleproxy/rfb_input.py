@@ -56,9 +56,14 @@ def _is_input(head: bytes | bytearray) -> bool:
 class RfbInputWatch:
     """Follows the browser's RFB messages; tells whether bytes held input."""
 
-    def __init__(self) -> None:
+    def __init__(self, after_security: bool = True) -> None:
+        """
+        @param after_security: the stream starts right after the security
+            handshake, with the one-byte ClientInit (the shared flag), which
+            is skipped; then come the messages.
+        """
         self._head = bytearray()
-        self._skip = 0
+        self._skip = 1 if after_security else 0
         self.lost = False
 
     def feed(self, data: bytes) -> bool:

@@ -612,3 +612,34 @@ class RealX11vncTests(TestCase):
         factory = _ClientFactory(url, protocols=["binary"])
         client = yield TCP4ClientEndpoint(reactor, "127.0.0.1", server.port).connect(factory)
         self.assertEqual((yield client.closed), (1011, "515"))
+
+
+class TimeoutTests(RfbTestCase):
+    """Idle and absolute timeouts on the raw VNC relay: only the user's input counts."""
+
+    @inlineCallbacks
+    def test_idle_closes_but_pointer_and_keys_keep_it(self):  # type: ignore[no-untyped-def]
+        self.server.rfb.policy.idle_timeout = 0.6
+        idle = yield self.connect()
+        yield self.handshake(idle)
+        busy = yield self.connect()
+        yield self.handshake(busy)
+        update_request = struct.pack("!BBHHHH", 3, 1, 0, 0, 64, 64)
+        encodings = struct.pack("!BxHii", 2, 2, 0, -223)
+        for step in range(8):  # 1.2 s
+            if not idle.closed.called:
+                idle.send(update_request + encodings)
+            pointer = struct.pack("!BBHH", 5, 0, step, step)
+            key = struct.pack("!BBxxI", 4, step % 2, 0x61)
+            busy.send(pointer if step % 2 else key)
+            yield wait(0.15)
+        self.assertEqual(idle.closed.result if idle.closed.called else None, (1002, "522"))
+        self.assertFalse(busy.closed.called)
+
+    @inlineCallbacks
+    def test_absolute_limit(self):  # type: ignore[no-untyped-def]
+        self.server.rfb.policy.session_timeout = 0.4
+        client = yield self.connect()
+        yield self.handshake(client)
+        client.send(struct.pack("!BBHH", 5, 0, 1, 1))
+        self.assertEqual((yield client.closed), (1002, "523"))
