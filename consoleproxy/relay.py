@@ -353,28 +353,9 @@ class GuacamoleRelayProtocol(RelaySession):
             self._linger_close(guacd.transport, guacd.closed)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self._release()
-        if self._opened_at is None:
-            return
-        status, message = self._closing_summary(wasClean, code)
-        self._report_closed(status, message)
-        claims, guacd = self._claims, self._guacd
-        assert claims is not None
-        self._log.info(
-            "Console closed: user={user} vm={vm} type={type} guacd={conn} peer={peer} "
-            "to_browser={down} from_browser={up} duration={duration:.1f}s "
-            "status={status} ({why})",
-            user=claims.user,
-            vm=claims.console.vm_id,
-            type=claims.console.console_type,
-            conn=guacd.connection_id if guacd is not None else f"(via zone {self._zone})",
-            peer=self._peer,
-            down=self.bytes_to_browser,
-            up=self.bytes_from_browser,
-            duration=self.factory.clock.seconds() - self._opened_at,
-            status=int(status),
-            why=message,
-        )
+        guacd = self._guacd
+        upstream = f"guacd={guacd.connection_id}" if guacd is not None else f"zone={self._zone}"
+        self._finish(wasClean, code, "Console", upstream)
 
 
 class GuacamoleRelayFactory(RelayFactory):

@@ -702,25 +702,7 @@ class RfbRelayProtocol(RelaySession):
             self._greeting_timer.cancel()
         self._greeting_timer = None
         self._phase = "closing"
-        self._release()
-        if self._opened_at is None:
-            return
-        status, message = self._closing_summary(wasClean, code)
-        self._report_closed(status, message)
-        claims = self._claims
-        assert claims is not None
-        self._log.info(
-            "Raw VNC console closed: user={user} vm={vm} peer={peer} to_browser={down} "
-            "from_browser={up} duration={duration:.1f}s status={status} ({why})",
-            user=claims.user,
-            vm=claims.console.vm_id,
-            peer=self._peer,
-            down=self.bytes_to_browser,
-            up=self.bytes_from_browser,
-            duration=self.factory.clock.seconds() - self._opened_at,
-            status=int(status),
-            why=message,
-        )
+        self._finish(wasClean, code, "Raw VNC console", "rfb")
 
 
 class RfbRelayFactory(RelayFactory):

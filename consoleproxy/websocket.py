@@ -502,8 +502,37 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
                 self.bytes_from_browser - received,
             )
 
+    def _finish(self, wasClean: bool, code: int | None, kind: str, upstream: str) -> None:
+        """
+        In onClose: give everything up; for a session that had opened, tell
+        the observers and log how it ended (C{upstream} names its other end).
+        """
+        self._release()
+        if self._opened_at is None:
+            return
+        status, message = self._closing_summary(wasClean, code)
+        self._report_closed(status, message)
+        claims = self._claims
+        assert claims is not None
+        self._log.info(
+            "{kind} closed: user={user} vm={vm} type={type} {upstream} peer={peer} "
+            "to_browser={down} from_browser={up} duration={duration:.1f}s "
+            "status={status} ({why})",
+            kind=kind,
+            user=claims.user,
+            vm=claims.console.vm_id,
+            type=claims.console.console_type,
+            upstream=upstream,
+            peer=self._peer,
+            down=self.bytes_to_browser,
+            up=self.bytes_from_browser,
+            duration=self.factory.clock.seconds() - self._opened_at,
+            status=int(status),
+            why=message,
+        )
+
     def _report_closed(self, status: Status, message: str) -> None:
-        """In onClose of an opened session: forget it and tell the observers."""
+        """Forget an opened session and tell the observers how it ended."""
         self.factory.session_closed(self)
         record = self._record
         if record is None:
