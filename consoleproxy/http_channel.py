@@ -6,7 +6,9 @@ every few seconds (slowloris) keeps a connection, and a request body may be
 any size.  Here each stage has its own bound:
 
   - request line + headers + body must arrive within C{request_timeout} of
-    the connection being ready for a request (408), headers within
+    the connection being ready for a request (408; a connection that never
+    sent a byte, e.g. a TLS handshake never finished, is just aborted),
+    headers within
     C{max_header_bytes} (431, also for one overlong line), a body within
     C{max_body_bytes} (413; our API takes no bodies);
   - once a request is in, its response must be done within
@@ -62,6 +64,8 @@ class LimitedChannel(HTTPChannel):
         self._abort: IDelayedCall | None = None
         self._body_bytes = 0
         self._refused = False
+        #: Whether any byte arrived on this connection (over TLS: after the handshake).
+        self._heard = False
 
     # -- deadlines -------------------------------------------------------------------
 
@@ -80,6 +84,13 @@ class LimitedChannel(HTTPChannel):
 
     def _request_too_slow(self) -> None:
         self._deadline = None
+        if not self._heard:
+            # Not a byte in all this time (or a TLS handshake never finished):
+            # nobody to answer, and a 408 could not even be encrypted.
+            self._log.info("Aborting an HTTP connection that sent nothing")
+            if self.transport is not None:
+                self.transport.abortConnection()
+            return
         self._refuse(408, f"the request did not arrive within {self.limits.request_timeout:g} s")
 
     def _response_too_slow(self) -> None:
@@ -98,6 +109,7 @@ class LimitedChannel(HTTPChannel):
     # -- limits ----------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        self._heard = True
         if not self._refused:
             super().dataReceived(data)
 

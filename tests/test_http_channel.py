@@ -133,8 +133,15 @@ class DeadlineArithmeticTests(SynchronousTestCase):
         )
         self.assertTrue(conn.transport.disconnecting)
 
+    def test_silent_connection_is_aborted_without_an_answer(self) -> None:
+        conn = InProcess(Hello())
+        conn.clock.advance(10)
+        self.assertEqual(conn.transport.value(), b"")
+        self.assertAbortedLeavingNothing(conn)
+
     def test_refused_client_that_never_reads_is_aborted(self) -> None:
         conn = InProcess(Hello())
+        conn.send(b"GET")
         conn.clock.advance(10)
         self.assertTrue(conn.transport.disconnecting)
         self.assertIn(15.0, conn.deadlines())  # the abort, 5 s after the refusal
@@ -145,6 +152,7 @@ class DeadlineArithmeticTests(SynchronousTestCase):
 
     def test_refused_client_that_reads_is_not_aborted(self) -> None:
         conn = InProcess(Hello())
+        conn.send(b"GET")
         conn.clock.advance(10)
         conn.lose()
         self.assertEqual(conn.clock.getDelayedCalls(), [])

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
-from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString, wrapClientTLS
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
 
+from consoleproxy.api import TokenApi
 from consoleproxy.consoles import Console, Identity
+from consoleproxy.http_channel import HttpLimits
+from consoleproxy.web import ConsoleProxyWeb, build_site
 from tests.fakeguacd import FakeGuacd
-from tests.support import start_server
+from tests.support import start_server, wait
 from tests.testca import make_tls_files
 from tests.wsclient import ClientFactory
 
@@ -119,3 +125,66 @@ class TlsTerminationTests(TestCase):
         client.sendClose(1000)
         yield client.closed
         yield conn.closed
+
+
+class _Watcher(Protocol):
+    """Records what the server sends and when it closes."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.lost: Deferred[float] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.callback(reactor.seconds())
+
+
+class TlsSlowlorisTests(TestCase):
+    """The request deadline runs from the TCP connection: TLS is no way around it."""
+
+    @inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        key, cert, ca = make_tls_files(FilePath(self.mktemp()))
+        self.ca = Certificate.loadPEM(ca)
+        server = yield start_server(self)
+        site = build_site(
+            ConsoleProxyWeb(TokenApi(server.cloud, server.cloud, server.tokens), Resource()),
+            reactor,
+            limits=HttpLimits(request_timeout=0.5),
+        )
+        listening = yield serverFromString(
+            reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        ).listen(site)
+        self.addCleanup(listening.stopListening)
+        self.port = listening.getHost().port
+
+    @inlineCallbacks
+    def test_no_tls_handshake(self):  # type: ignore[no-untyped-def]
+        watcher = _Watcher()
+        started = reactor.seconds()
+        yield TCP4ClientEndpoint(reactor, "127.0.0.1", self.port).connect(
+            Factory.forProtocol(lambda: watcher)
+        )
+        ended = yield watcher.lost
+        self.assertLess(ended - started, 3)
+
+    @inlineCallbacks
+    def test_headers_trickled_over_tls(self):  # type: ignore[no-untyped-def]
+        watcher = _Watcher()
+        endpoint = wrapClientTLS(
+            optionsForClientTLS("localhost", trustRoot=self.ca),
+            TCP4ClientEndpoint(reactor, "127.0.0.1", self.port),
+        )
+        yield endpoint.connect(Factory.forProtocol(lambda: watcher))
+        started = reactor.seconds()
+        for byte in b"GET /api/vm/7/guacamole/vnc HTTP/1.1\r\nHost: x\r\n":
+            if watcher.lost.called:
+                break
+            watcher.transport.write(bytes([byte]))
+            yield wait(0.02)
+        ended = yield watcher.lost
+        self.assertLess(ended - started, 3)
+        self.assertTrue(watcher.data.startswith(b"HTTP/1.1 408 "), watcher.data[:40])
+        self.assertIn(b'"id": 408', watcher.data)
