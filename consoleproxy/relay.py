@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
 from consoleproxy.consoles import Display
@@ -128,13 +128,7 @@ class GuacamoleRelayProtocol(RelaySession):
 
     def _routed(self, route: Route, display: Display) -> Deferred[GuacdProtocol]:
         """The way to the console is known (maybe a tunnel): now guacd."""
-        self._route = route
-        if self._gone:
-            route.close()
-            raise CancelledError()
-        route.on_lost = self._tunnel_lost
-        claims = self._claims
-        assert claims is not None
+        claims = self._take_route(route)
         handshake = HandshakeRequest(
             protocol=claims.console.console_type,
             parameters={**route.parameters, **display.parameters},

@@ -540,13 +540,7 @@ class RfbRelayProtocol(RelaySession):
 
     def _routed(self, route: Route) -> Deferred[VncUpstream]:
         """The way to the VNC server is known (maybe a tunnel): connect."""
-        self._route = route
-        if self._gone:
-            route.close()
-            raise CancelledError()
-        route.on_lost = self._tunnel_lost
-        claims = self._claims
-        assert claims is not None
+        claims = self._take_route(route)
         settings = self.factory.settings
         endpoint = vnc_endpoint(settings.reactor, route.parameters, settings.handshake_timeout)
         self._connecting = connect_vnc(

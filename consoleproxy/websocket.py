@@ -398,6 +398,22 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         self._refusal = (status, message)
         return self.subprotocol
 
+    def _take_route(self, route: Route) -> Claims:
+        """
+        The way to the upstream is known (maybe a tunnel): keep it, or give
+        it back at once if the browser left meanwhile.
+
+        @return: the session's claims.
+        @raise CancelledError: the browser is gone.
+        """
+        self._route = route
+        if self._gone:
+            route.close()
+            raise CancelledError()
+        route.on_lost = self._tunnel_lost
+        assert self._claims is not None
+        return self._claims
+
     def _setup_failed(self, failure: Failure) -> str | Failure:
         """The route or the upstream failed before the WebSocket was accepted."""
         self._connecting = None
