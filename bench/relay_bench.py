@@ -42,7 +42,7 @@ from typing import Any
 
 from argon2 import PasswordHasher
 
-from consoleproxy.passwords import hash_password
+from consoleproxy.clouds.passwords import hash_password
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"

@@ -3,7 +3,7 @@ Bench-only fake upstreams, fast enough never to be the bottleneck: a guacd and
 a VNC (RFB) server in one asyncio process.
 
 The fake guacd speaks guacd 1.6's handshake (``select``; ``args`` with
-``VERSION_1_5_0`` and the VNC argument names of tests/fakeguacd.py; then any
+``VERSION_1_5_0`` and the VNC argument names of tests/helpers/fakeguacd.py; then any
 of ``size``/``audio``/``video``/``image``/``timezone``/``name`` until
 ``connect``; ``ready,$<uuid>``) as both consoleproxy (1.5.0, with ``name``)
 and guacamole-lite 1.2.0 (1.1.0: size, audio, video, image, timezone,
@@ -40,7 +40,7 @@ import random
 import struct
 import uuid
 
-from tests.fakeguacd import PROTOCOL_VERSION, VNC_ARGS
+from tests.helpers.fakeguacd import PROTOCOL_VERSION, VNC_ARGS
 
 KEEP_ALIVE = 5.0
 #: Chunks written per event-loop turn at most (the transport pauses us sooner when full).

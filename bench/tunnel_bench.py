@@ -69,7 +69,7 @@ async def _targets() -> None:
 
 
 class _Shim:
-    """What tests.realservers needs of a test case, outside trial."""
+    """What tests.helpers.realservers needs of a test case, outside trial."""
 
     def __init__(self) -> None:
         self.directory = tempfile.mkdtemp(prefix="tunnel-bench-")
@@ -88,9 +88,9 @@ def _tunnels(echo: int, source: int, routes: int) -> None:
     from twisted.internet import defer, reactor  # noqa: PLC0415
 
     from consoleproxy.consoles import Console  # noqa: PLC0415
-    from consoleproxy.ssh import SSHPool, SSHSettings, load_private_key  # noqa: PLC0415
-    from consoleproxy.tunnels import Tunnels, TunnelSettings  # noqa: PLC0415
-    from tests.realservers import start_sshd  # noqa: PLC0415
+    from consoleproxy.tunnels.routes import Tunnels, TunnelSettings  # noqa: PLC0415
+    from consoleproxy.tunnels.ssh import SSHPool, SSHSettings, load_private_key  # noqa: PLC0415
+    from tests.helpers.realservers import start_sshd  # noqa: PLC0415
 
     shim = _Shim()
 

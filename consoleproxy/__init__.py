@@ -3,7 +3,29 @@ consoleproxy: a web console proxy for clouds.
 
 Browsers ask the token API for a console token, then open a WebSocket with it;
 consoleproxy opens the token, performs the Guacamole handshake with guacd and
-relays the session.  See README.md for the data flow.
+relays the session.  The folders follow the data, top to bottom; a module may
+import its own package and the layers below it, never one above or beside it:
+
+=====================  ====================================================
+``tap``, ``config``     the composition root: options, configuration, the
+                        service tree (imports everything)
+``ops/``                metrics, health endpoints, the audit log
+``web/``,               the HTTP front: site, token API, console page;
+``relay/``              the WebSocket relays (Guacamole, raw VNC), sessions,
+                        the zone hop
+``clouds/``,            which VM a user may open and its guacd settings
+``tunnels/``            (inventory, OpenNebula); how guacd reaches it (SSH)
+``tokens``,             the core vocabulary: sealed tokens, what a console
+``consoles``,           is, the seams (zope.interface) and API errors
+``interfaces``,
+``errors``
+``guacamole/``          the Guacamole protocol and the guacd client
+``net/``                networking building blocks (client addresses,
+                        routes, rate limits, factories, fast writes)
+=====================  ====================================================
+
+``web`` and ``relay`` never import each other, nor do ``clouds`` and
+``tunnels``; ``tests/test_layout.py`` holds the rule.
 """
 
 __version__ = "0.1.0"

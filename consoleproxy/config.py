@@ -47,10 +47,10 @@ from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 from zope.interface import implementer
 
-from consoleproxy.clients import networks
-from consoleproxy.guacd import default_timezone
-from consoleproxy.opennebula_consoles import RUNNING_ONLY, VNC_LCM_STATES
-from consoleproxy.origins import OriginPolicy
+from consoleproxy.clouds.opennebula.console_settings import RUNNING_ONLY, VNC_LCM_STATES
+from consoleproxy.guacamole.guacd import default_timezone
+from consoleproxy.net.clients import networks
+from consoleproxy.relay.origins import OriginPolicy
 
 
 class ConfigError(ValueError):

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from consoleproxy.status import GuacamoleError, Status
+from consoleproxy.guacamole.status import GuacamoleError, Status
 
 #: Console types of the token API, and the guacd protocol each selects.
 CONSOLE_TYPES = ("vnc", "ssh", "rdp")

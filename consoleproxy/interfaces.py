@@ -52,7 +52,7 @@ class ITunnels(Interface):
         Find the way to a console.
 
         @param console: the L{consoleproxy.consoles.Console} from the token.
-        @return: a Deferred firing with a L{consoleproxy.tunnels.Route} whose
+        @return: a Deferred firing with a L{consoleproxy.tunnels.routes.Route} whose
             C{parameters} guacd gets, or failing with a
-            L{consoleproxy.status.GuacamoleError} that says what to fix.
+            L{consoleproxy.guacamole.status.GuacamoleError} that says what to fix.
         """

@@ -23,12 +23,19 @@ from twisted.internet.defer import gatherResults, maybeDeferred
 from twisted.logger import Logger
 from twisted.python import usage
 
-from consoleproxy.api import TokenApi
-from consoleproxy.audit import AuditLog
-from consoleproxy.clients import ClientAddresses, networks
+from consoleproxy.clouds.inventory import InventoryCloud, InventoryError
+from consoleproxy.clouds.opennebula.cloud import OpenNebulaCloud, is_loopback
+from consoleproxy.clouds.opennebula.console_settings import StatePolicy
+from consoleproxy.clouds.opennebula.oned import Oned, ServerAdmin
+from consoleproxy.clouds.opennebula.xmlrpc import XmlRpcClient, load_trust_roots
+from consoleproxy.clouds.opennebula.zones import ZoneDirectory
+from consoleproxy.clouds.passwords import PasswordVerifier
 from consoleproxy.config import Config, ConfigError, example_path
-from consoleproxy.console_page import ConsoleModes, ConsolePage, GuacdProbe
-from consoleproxy.health import (
+from consoleproxy.net.clients import ClientAddresses, networks
+from consoleproxy.net.ratelimit import RateLimiter
+from consoleproxy.net.routing import client_of
+from consoleproxy.ops.audit import AuditLog
+from consoleproxy.ops.health import (
     Check,
     HealthResource,
     ReadinessResource,
@@ -36,28 +43,25 @@ from consoleproxy.health import (
     inventory_check,
     oned_check,
 )
-from consoleproxy.http_channel import HttpLimits
-from consoleproxy.inventory import InventoryCloud, InventoryError
-from consoleproxy.metrics import Metrics, MetricsResource
-from consoleproxy.oned import Oned, ServerAdmin
-from consoleproxy.opennebula import OpenNebulaCloud, is_loopback
-from consoleproxy.opennebula_consoles import StatePolicy
-from consoleproxy.passwords import PasswordVerifier
-from consoleproxy.ratelimit import RateLimiter
-from consoleproxy.relay import FederationSettings, GuacamoleRelayFactory, RelaySettings
-from consoleproxy.rfb import PURPOSE as RFB_PURPOSE
-from consoleproxy.rfb import RfbRelayFactory, RfbRelayResource, RfbSettings
-from consoleproxy.routing import client_of
-from consoleproxy.session_events import SessionEvents
-from consoleproxy.sessions import SessionTable
-from consoleproxy.ssh import SSHPool, SSHSettings, load_private_key
+from consoleproxy.ops.metrics import Metrics, MetricsResource
+from consoleproxy.relay.guacamole_relay import (
+    FederationSettings,
+    GuacamoleRelayFactory,
+    RelaySettings,
+)
+from consoleproxy.relay.rfb_relay import PURPOSE as RFB_PURPOSE
+from consoleproxy.relay.rfb_relay import RfbRelayFactory, RfbRelayResource, RfbSettings
+from consoleproxy.relay.session_events import SessionEvents
+from consoleproxy.relay.sessions import SessionTable
+from consoleproxy.relay.websocket import RelayPolicy, RelayResource
 from consoleproxy.tokens import KeyFileError, KeyRing, TokenAuthority
-from consoleproxy.tunnels import TunnelRule, Tunnels, TunnelSettings
-from consoleproxy.web import ConsoleProxyWeb, Operations, build_site
-from consoleproxy.web_assets import StaticFiles
-from consoleproxy.websocket import RelayPolicy, RelayResource
-from consoleproxy.xmlrpc import XmlRpcClient, load_trust_roots
-from consoleproxy.zones import ZoneDirectory
+from consoleproxy.tunnels.routes import TunnelRule, Tunnels, TunnelSettings
+from consoleproxy.tunnels.ssh import SSHPool, SSHSettings, load_private_key
+from consoleproxy.web.api import TokenApi
+from consoleproxy.web.assets import StaticFiles
+from consoleproxy.web.console_page import ConsoleModes, ConsolePage, GuacdProbe
+from consoleproxy.web.http_channel import HttpLimits
+from consoleproxy.web.site import ConsoleProxyWeb, Operations, build_site
 
 log = Logger()
 

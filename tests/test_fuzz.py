@@ -2,7 +2,7 @@
 Fuzz targets (hypothesis) for what an attacker feeds the proxy directly: the
 Guacamole instruction parser and the token opener.
 
-tests/test_instructions.py and tests/test_tokens.py state the properties of
+tests/guacamole/test_instructions.py and tests/test_tokens.py state the properties of
 valid input; here the input is hostile: arbitrary text and bytes, valid
 streams mutated byte by byte, fed whole and in random chunks, and valid
 tokens altered, truncated and spliced.  Invariants:
@@ -30,7 +30,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from consoleproxy.consoles import Console, Identity
-from consoleproxy.instructions import (
+from consoleproxy.guacamole.instructions import (
     MAX_INSTRUCTION_BYTES,
     InstructionError,
     InstructionStream,
@@ -39,7 +39,7 @@ from consoleproxy.instructions import (
     split,
 )
 from consoleproxy.tokens import KeyRing, TokenAuthority, TokenError
-from tests.fakeguacd import Parser as GuacdParser
+from tests.helpers.fakeguacd import Parser as GuacdParser
 
 settings.register_profile(
     "consoleproxy-fuzz",

@@ -24,9 +24,9 @@ from twisted.web.client import Agent, readBody
 
 from consoleproxy import tap
 from consoleproxy.config import Config, ConfigError, example_path, with_backlog
-from tests.fakeguacd import FakeGuacd
-from tests.support import basic, get_json, wait, write_inventory
-from tests.wsclient import connect
+from tests.helpers.fakeguacd import FakeGuacd
+from tests.helpers.support import basic, get_json, wait, write_inventory
+from tests.helpers.wsclient import connect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,0 +1,202 @@
+"""
+The OpenNebula cloud: oned decides who may see which VM.
+
+The user's own credentials become the oned session (HTTP Basic
+``user:password``, or ``Authorization: Bearer user:<login token>``), so oned
+applies its own authentication and ACLs; consoleproxy keeps no user list.
+Attributes oned encrypts (``CONTEXT/PASSWORD``, the user's
+``SSH_PRIVATE_KEY``) are read, after the user's own call has succeeded, with
+the optional server-admin credential (``sunstone_auth``) in oned's
+server_cipher session form.
+
+Consoles of VMs in another zone (``?zone=N``) are looked up in that zone's
+oned, found through the local zone pool, and sealed for that zone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from typing import Any
+from xml.etree.ElementTree import Element
+
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from consoleproxy.clouds.inventory import parse_basic
+from consoleproxy.clouds.opennebula.console_settings import (
+    Secrets,
+    StatePolicy,
+    check_state,
+    rdp_parameters,
+    ssh_parameters,
+    vnc_parameters,
+)
+from consoleproxy.clouds.opennebula.oned import Oned, ServerAdmin
+from consoleproxy.consoles import Console, Identity
+from consoleproxy.errors import BadRequest, Conflict, NotFound, Unauthenticated
+from consoleproxy.interfaces import IAuthenticator, ICloud
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost``, 127.0.0.0/8 or ::1."""
+    if host.lower().rstrip(".") in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@implementer(IAuthenticator, ICloud)
+class OpenNebulaCloud:
+    """
+    Consoles of OpenNebula VMs.
+
+    @param oned: the local zone's oned.
+    @param oned_for: builds an L{Oned} for another zone's XML-RPC endpoint.
+    @param clock: for server_cipher token expiry.
+    @param local_zone: this zone's id; tokens for it carry no zone.
+    @param server_admin: the server-admin credential, or None (then
+        encrypted attributes cannot be used).
+    @param loopback_address: what to use for a hypervisor oned reports as
+        loopback; None keeps it when C{guacd_is_local}, else refuses.
+    """
+
+    name = "opennebula"
+    log = Logger()
+
+    def __init__(
+        self,
+        oned: Oned,
+        oned_for: Callable[[str], Oned],
+        clock: Any,
+        *,
+        local_zone: str = "0",
+        server_admin: ServerAdmin | None = None,
+        policy: StatePolicy | None = None,
+        loopback_address: str | None = None,
+        guacd_is_local: bool = True,
+    ) -> None:
+        self.oned = oned
+        self._oned_for = oned_for
+        self._zones: dict[str, Oned] = {}  # by XML-RPC endpoint
+        self._clock = clock
+        self.local_zone = local_zone
+        self.server_admin = server_admin
+        self.policy = policy or StatePolicy()
+        self.loopback_address = loopback_address
+        self.guacd_is_local = guacd_is_local
+
+    # -- IAuthenticator --------------------------------------------------------------
+
+    def authenticate(self, authorization: bytes | None) -> Deferred[Identity]:
+        """
+        Take the user's credentials as an oned session; oned checks them on
+        the first call.
+        """
+        credentials = parse_basic(authorization)
+        if credentials is None and authorization:
+            scheme, _, value = authorization.strip().partition(b" ")
+            if scheme.lower() == b"bearer":
+                try:
+                    text = value.strip().decode("utf-8")
+                except UnicodeDecodeError:
+                    text = ""
+                user, colon, token = text.partition(":")
+                if colon and user and token:
+                    credentials = (user, token)
+        if credentials is None:
+            raise Unauthenticated(
+                "credentials required: HTTP Basic user:password, or Bearer user:<login token>"
+            )
+        user, secret = credentials
+        return succeed(Identity(name=user, secret=f"{user}:{secret}"))
+
+    # -- ICloud ----------------------------------------------------------------------
+
+    @inlineCallbacks
+    def console(  # type: ignore[no-untyped-def]
+        self, identity: Identity, vm_id: int, console_type: str, zone: str | None
+    ):
+        """Ask oned (the zone's, if another) for the VM and build guacd's settings."""
+        assert identity.secret is not None
+        session = identity.secret
+        remote = zone is not None and zone != self.local_zone
+        oned = (yield self._zone_oned(session, zone)) if remote else self.oned
+        vm: Element = yield oned.vm_info(session, vm_id)
+        check_state(vm, console_type, self.policy)
+        if console_type == "vnc":
+            parameters = vnc_parameters(vm)
+        else:
+            secrets, user = yield self._secrets(oned, session, vm_id, vm, console_type)
+            if console_type == "ssh":
+                parameters = ssh_parameters(vm, user, secrets)
+            else:
+                parameters = rdp_parameters(vm, secrets)
+        self._loopback(parameters, vm_id)
+        records = vm.findall("HISTORY_RECORDS/HISTORY")
+        cluster = (records[-1].findtext("CID") or "").strip() if records else ""
+        return Console(
+            vm_id=vm_id,
+            console_type=console_type,
+            parameters=parameters,
+            zone=zone if remote else None,
+            cluster=cluster or None,
+        )
+
+    @inlineCallbacks
+    def _secrets(self, oned: Oned, session: str, vm_id: int, vm: Element, console_type: str):  # type: ignore[no-untyped-def]
+        """The decrypted documents (with the server-admin credential) and the user's own."""
+        wants_key = console_type == "ssh" and bool(
+            (vm.findtext("TEMPLATE/CONTEXT/SSH_PUBLIC_KEY") or "").strip()
+        )
+        user = (yield oned.user_info(session, -1)) if wants_key else None
+        if self.server_admin is None:
+            return Secrets(), user
+        admin = self.server_admin.session(self.server_admin.user, self._clock.seconds())
+        calls = [oned.vm_info(admin, vm_id, True)]
+        if user is not None:
+            calls.append(oned.user_info(admin, int(user.findtext("ID") or -1), True))
+        documents = yield gatherResults(calls, consumeErrors=True).addErrback(
+            lambda failure: failure.value.subFailure
+        )
+        return Secrets(vm=documents[0], user=documents[1] if len(documents) > 1 else None), user
+
+    def _zone_oned(self, session: str, zone: str | None) -> Deferred[Oned]:
+        """The zone's oned; the zone is looked up every time (state, endpoint)."""
+        assert zone is not None
+
+        def found(document: Element) -> Oned:
+            if (document.findtext("STATE") or "0").strip() == "1":
+                raise Conflict(f"zone {zone} is disabled")
+            endpoint = (document.findtext("TEMPLATE/ENDPOINT") or "").strip()
+            if not endpoint or endpoint == "-":
+                raise Conflict(f"zone {zone} has no ENDPOINT")
+            if endpoint not in self._zones:
+                self._zones[endpoint] = self._oned_for(endpoint)
+            return self._zones[endpoint]
+
+        def missing(failure: Any) -> Any:
+            failure.trap(NotFound)
+            raise NotFound(f"zone {zone} does not exist")
+
+        return self.oned.zone_info(session, int(zone)).addCallbacks(found, missing)
+
+    def _loopback(self, parameters: dict[str, str], vm_id: int) -> None:
+        host = parameters.get("hostname", "")
+        if not is_loopback(host):
+            return
+        if self.loopback_address:
+            parameters["hostname"] = self.loopback_address
+        elif not self.guacd_is_local:
+            raise BadRequest(
+                f"VM {vm_id}'s console is at {host!r} as oned reports it, and guacd runs on "
+                "another host: set [opennebula] loopback_address to an address of the "
+                "hypervisor that guacd can reach"
+            )
+
+    def close(self) -> Deferred[Any]:
+        """Close idle oned connections."""
+        return gatherResults([o.close() for o in (self.oned, *self._zones.values())])

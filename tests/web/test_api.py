@@ -1,0 +1,115 @@
+"""The token API over real HTTP on loopback, with the inventory cloud."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from tests.helpers.support import basic, get_json, start_server
+
+ALICE = basic("alice", "wonderland")
+
+
+class TokenApiTests(TestCase):
+    @inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.server = yield start_server(self)
+
+    @inlineCallbacks
+    def test_token_in_fireedge_shape(self):  # type: ignore[no-untyped-def]
+        for prefix in ("", "/fireedge"):
+            code, headers, body = yield get_json(
+                self.server.url(f"{prefix}/api/vm/7/guacamole/vnc"), ALICE
+            )
+            self.assertEqual(code, 200)
+            self.assertEqual(set(body), {"id", "message", "data"})
+            self.assertEqual((body["id"], body["message"]), (200, "OK"))
+            self.assertEqual(headers.getRawHeaders(b"cache-control"), [b"no-store"])
+            claims = self.server.tokens.open(body["data"])
+            self.assertEqual(claims.user, "alice")
+            self.assertEqual((claims.console.vm_id, claims.console.console_type), (7, "vnc"))
+            self.assertEqual(claims.console.parameters["password"], "vnc-secret")
+            self.assertEqual(claims.console.parameters["port"], "5907")
+
+    @inlineCallbacks
+    def test_everyone_vm_and_bool_parameters(self):  # type: ignore[no-untyped-def]
+        code, _, body = yield get_json(
+            self.server.url("/api/vm/8/guacamole/rdp"), basic("bob", "builder")
+        )
+        self.assertEqual(code, 200)
+        claims = self.server.tokens.open(body["data"])
+        self.assertEqual(claims.console.parameters["ignore-cert"], "true")
+
+    @inlineCallbacks
+    def assertRefused(self, path, authorization, status, words):  # type: ignore[no-untyped-def]
+        code, headers, body = yield get_json(self.server.url(path), authorization)
+        self.assertEqual(code, status)
+        self.assertEqual(body["id"], status)
+        self.assertIn(words, body["data"])
+        return headers
+
+    @inlineCallbacks
+    def test_unknown_type_400(self):  # type: ignore[no-untyped-def]
+        yield self.assertRefused("/api/vm/7/guacamole/spice", ALICE, 400, "unknown console type")
+
+    @inlineCallbacks
+    def test_bad_vm_id_400(self):  # type: ignore[no-untyped-def]
+        for vm in ("x", "-1", "99999999999", "7.0", "%D9%A3"):
+            yield self.assertRefused(f"/api/vm/{vm}/guacamole/vnc", ALICE, 400, "VM id")
+
+    @inlineCallbacks
+    def test_missing_console_400(self):  # type: ignore[no-untyped-def]
+        yield self.assertRefused("/api/vm/7/guacamole/rdp", ALICE, 400, "no rdp console")
+
+    @inlineCallbacks
+    def test_no_credentials_401(self):  # type: ignore[no-untyped-def]
+        headers = yield self.assertRefused("/api/vm/7/guacamole/vnc", None, 401, "credentials")
+        self.assertEqual(
+            headers.getRawHeaders(b"www-authenticate"),
+            [b'Basic realm="consoleproxy", charset="UTF-8"'],
+        )
+
+    @inlineCallbacks
+    def test_bad_credentials_401(self):  # type: ignore[no-untyped-def]
+        for authorization in (
+            basic("alice", "wrong"),
+            basic("nobody", "wonderland"),
+            b"Basic !!!",
+            b"Bearer alice:wonderland",
+            b"Basic " + b"A" * 5000,
+        ):
+            headers = yield self.assertRefused("/api/vm/7/guacamole/vnc", authorization, 401, "")
+            self.assertTrue(headers.hasHeader(b"www-authenticate"))
+
+    @inlineCallbacks
+    def test_forbidden_403(self):  # type: ignore[no-untyped-def]
+        yield self.assertRefused(
+            "/api/vm/7/guacamole/vnc", basic("bob", "builder"), 403, "may not open"
+        )
+
+    @inlineCallbacks
+    def test_no_such_vm_404(self):  # type: ignore[no-untyped-def]
+        yield self.assertRefused("/api/vm/70/guacamole/vnc", ALICE, 404, "does not exist")
+
+    @inlineCallbacks
+    def test_zone_unknown_to_inventory_404(self):  # type: ignore[no-untyped-def]
+        yield self.assertRefused("/api/vm/7/guacamole/vnc?zone=3", ALICE, 404, "zone 3")
+        yield self.assertRefused("/api/vm/7/guacamole/vnc?zone=x", ALICE, 400, "zone")
+
+    @inlineCallbacks
+    def test_unknown_path_and_method(self):  # type: ignore[no-untyped-def]
+        yield self.assertRefused("/api/vm/7", ALICE, 404, "no such resource")
+        yield self.assertRefused("/", ALICE, 404, "no such resource")
+
+    @inlineCallbacks
+    def test_no_secret_in_logs(self):  # type: ignore[no-untyped-def]
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        _, _, body = yield get_json(self.server.url("/api/vm/7/guacamole/vnc"), ALICE)
+        yield get_json(self.server.url("/api/vm/7/guacamole/vnc"), basic("alice", "wr0ng"))
+        text = "\n".join(formatEvent(e) + repr(e) for e in events)
+        self.assertRegex(text, r"Token issued: user=alice vm=7 type=vnc .*peer=127\.0\.0\.1")
+        for secret in ("wonderland", "wr0ng", "vnc-secret", body["data"], ALICE.decode()):
+            self.assertNotIn(secret, text)
