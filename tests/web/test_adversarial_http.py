@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 import os
 import re
-import resource
 import shutil
 import socket
 import subprocess
@@ -126,6 +125,7 @@ def blocking_get(
     port: int,
     path: str,
     source: str = "127.0.0.1",
+    *,
     headers: str = "",
     sock: socket.socket | None = None,
     timeout: float = 5.0,
@@ -577,13 +577,17 @@ key_file = "{self.directory / "keys"}"
 """
         )
         self.log_path = self.directory / "twistd.log"
-        limit = self.LIMIT
-
-        def low_limit() -> None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (100, limit))
-
+        # Started through a small Python that lowers its limits, then execs twistd.
+        lower_then_exec = (
+            "import os, resource, sys; "
+            f"resource.setrlimit(resource.RLIMIT_NOFILE, (100, {self.LIMIT})); "
+            "os.execv(sys.argv[1], sys.argv[1:])"
+        )
         self.process = subprocess.Popen(
             [
+                sys.executable,
+                "-c",
+                lower_then_exec,
                 str(Path(sys.executable).parent / "twistd"),
                 "-n",
                 "--pidfile=",
@@ -594,7 +598,6 @@ key_file = "{self.directory / "keys"}"
             ],
             cwd=self.directory,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
-            preexec_fn=low_limit,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
