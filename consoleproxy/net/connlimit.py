@@ -24,15 +24,17 @@ look-up:
     log files.
 
 Counting open descriptors is a read of ``/proc/self/fd``: it is done at most
-every C{interval} seconds (every 50 ms close to the limit), and in between
-the gate adds the connections it admitted and released since, so that an
-accept costs no system call.
+every C{interval} seconds (close to the limit every 50 ms, or less often when
+the count itself is slow: it never takes over a tenth of the time), and in
+between the gate adds the connections it admitted and released since, so
+that an accept costs no system call.
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -146,6 +148,7 @@ class DescriptorBudget:
         self._measured = 0
         self._limit_now = 0
         self._admitted_then = 0
+        self._close_gap = 0.05
 
     def state(self, admitted: int) -> Admission | None:
         """
@@ -157,8 +160,11 @@ class DescriptorBudget:
         estimate = self._measured + admitted - self._admitted_then
         due = self._measured_at is None or now - self._measured_at >= self.interval
         close = estimate >= self._limit_now - 2 * self.effective_reserve
-        if due or (close and now - self._measured_at >= 0.05):  # type: ignore[operator]
+        if due or (close and now - self._measured_at >= self._close_gap):  # type: ignore[operator]
+            started = time.perf_counter()
             counted = self._count()
+            # Counting a huge table takes a while: at most a tenth of the time.
+            self._close_gap = max(0.05, 10 * (time.perf_counter() - started))
             self._measured_at = now
             self._limit_now = self._limit()
             self._admitted_then = admitted
