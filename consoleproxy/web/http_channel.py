@@ -79,17 +79,26 @@ class LimitedChannel(HTTPChannel):
         self._heard = False
         #: Only /healthz and /readyz are served (the descriptor reserve is in use).
         self.health_only = False
-        self._on_close: list[Callable[[], object]] = []
+        self._on_close: dict[int, Callable[[], object]] = {}
+        self._next_on_close = 0
 
     # -- what is given back at the end -----------------------------------------------
 
-    def when_closed(self, callback: Callable[[], object]) -> None:
-        """Call C{callback} once when the connection is gone (even after a hand-over)."""
-        self._on_close.append(callback)
+    def when_closed(self, callback: Callable[[], object]) -> Callable[[], None]:
+        """
+        Call C{callback} once when the connection is gone (even after a hand-over).
+
+        @return: forgets C{callback} (what one request of a keep-alive
+            connection registered must not pile up with every request).
+        """
+        key = self._next_on_close
+        self._next_on_close += 1
+        self._on_close[key] = callback
+        return lambda: self._on_close.pop(key, None) and None
 
     def _closed(self, _: object = None) -> None:
-        callbacks, self._on_close = self._on_close, []
-        for callback in callbacks:
+        callbacks, self._on_close = self._on_close, {}
+        for callback in callbacks.values():
             try:
                 callback()
             except Exception:

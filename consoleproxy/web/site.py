@@ -217,8 +217,13 @@ class _Root(Resource):
                     "Too Many Requests",
                     f"over the cap of {gate.per_client} connections per client",
                 )
-            request.notifyFinish().addBoth(lambda _: lease.release())
-            channel.when_closed(lease.release)
+            forget = channel.when_closed(lease.release)  # a WebSocket never finishes
+
+            def finished(_: object) -> None:
+                lease.release()
+                forget()
+
+            request.notifyFinish().addBoth(finished)
         if self._assets is None:
             return self._routes.render(request)
         for prefix in _STATIC_PREFIXES:

@@ -241,6 +241,17 @@ class ClosingTests(SynchronousTestCase):
         conn.channel.connectionLost(Failure(ConnectionError("again")))
         self.assertEqual(called, [1])
 
+    def test_forgotten_callbacks_do_not_pile_up(self) -> None:
+        """One registration per request on a keep-alive connection, forgotten when it ends."""
+        conn = InProcess(Hello())
+        called: list[int] = []
+        for _ in range(1000):
+            forget = conn.channel.when_closed(lambda: called.append(1))
+            forget()
+        self.assertEqual(conn.channel._on_close, {})
+        conn.lose()
+        self.assertEqual(called, [])
+
     def test_when_closed_follows_a_hand_over(self) -> None:
         """After a WebSocket took the connection, its protocol's is_closed says when."""
         conn = InProcess(Later())
