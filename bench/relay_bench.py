@@ -245,13 +245,16 @@ class Fleet:
         config = d / "consoleproxy.toml"
         config.write_text(
             f'[server]\nlisten = ["tcp:{port}:interface=127.0.0.1"]\n'
+            "max_connections_per_client = 1000000\n"
             f'[guacd]\nendpoint = "tcp:127.0.0.1:{guacd_port}"\ntimezone = "UTC"\n'
             f'[tokens]\nkey_file = "{d / "consoleproxy.keys"}"\n'
             # One client address and one user open every session here: lift the token
             # API's per-address rate limit and the per-user session cap, which would
-            # otherwise measure themselves.  The Origin is the one the load generator sends.
+            # otherwise measure themselves (and the per-address connection cap and
+            # upgrade rate).  The Origin is the one the load generator sends.
             f'[relay]\nallowed_origins = ["http://127.0.0.1:{port}"]\n'
             "max_sessions = 1000000\nmax_sessions_per_user = 1000000\n"
+            "upgrade_rate = 1000000.0\nupgrade_burst = 1000000\n"
             "[api]\nrate = 1000000.0\nburst = 1000000\n"
             f'[inventory]\npath = "{d / "inventory.toml"}"\n'
             f'[tunnels]\nknown_hosts = "{d / "known_hosts"}"\n'
