@@ -23,10 +23,14 @@ and names the real client behind a trusted frontend.
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.http import datetimeToLogString
 from twisted.web.resource import Resource
@@ -258,13 +262,36 @@ def access_log_line(timestamp: str, request: Request) -> str:
     )
 
 
+class _Closed(Protocol):
+    """
+    A refused connection: reset as soon as it is made, nothing read or sent.
+
+    (C{buildProtocol} may answer C{None} to a plain TCP port, but an C{ssl:}
+    endpoint's TLS wrapper would then wrap nothing and fail.)  The socket is
+    closed at once rather than on the reactor's next turn: a burst of
+    connections accepted in one go at the descriptor limit must not hold a
+    descriptor each until then.
+    """
+
+    def makeConnection(self, transport: Any) -> None:
+        transport.abortConnection()  # unregistered now; Twisted's cleanup on the next turn
+        raw = transport
+        while not hasattr(raw, "socket") and getattr(raw, "transport", None) is not None:
+            raw = raw.transport  # under TLS: the TCP transport
+        sock = getattr(raw, "socket", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # Twisted's own close, later, finds it closed (and ignores that)
+
+
 class ConsoleProxySite(Site):
     """
     The site, with the per-client connection cap and the descriptor reserve
     (L{ConnectionGate}) applied at accept time, and refusals logged sparingly.
 
     A connection over its cap is closed before anything is read from it (no
-    TLS handshake, no HTTP parsing): C{buildProtocol} answers C{None}.  Its
+    TLS handshake, no HTTP parsing): C{buildProtocol} answers L{_Closed}.  Its
     log line, like the access log's line of a 429, goes through a
     L{LineThrottle}: one client cannot flood the log.
     """
@@ -293,7 +320,7 @@ class ConsoleProxySite(Site):
                 lease = self.gate.admit(host)
             except Refused as refused:
                 self._refused(refused.key, host, str(refused))
-                return None
+                return _Closed()
         channel = super().buildProtocol(addr)
         if lease is not None:
             channel.health_only = lease.admission is Admission.HEALTH_ONLY

@@ -27,10 +27,12 @@ from typing import Any
 
 from twisted.internet import reactor, tcp
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from consoleproxy.net.clients import ClientAddresses, networks
@@ -42,7 +44,10 @@ from consoleproxy.web.api import TokenApi
 from consoleproxy.web.assets import StaticFiles
 from consoleproxy.web.http_channel import HttpLimits
 from consoleproxy.web.site import ConsoleProxySite, ConsoleProxyWeb, Operations, build_site
+from tests.helpers.fakeguacd import FakeGuacd
 from tests.helpers.support import start_server, wait
+from tests.helpers.testca import make_tls_files
+from tests.helpers.wsclient import ClientFactory
 from tests.relay.test_guacamole_relay import ALICE, VNC
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,6 +161,16 @@ def blocking_get(
     finally:
         if own:
             sock.close()
+
+
+def refused_at_accept(sock: socket.socket) -> bool:
+    """Whether the server closed or reset C{sock} (without a byte)."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except BlockingIOError:
+        return False
 
 
 def status_of(response: bytes) -> int | None:
@@ -334,7 +349,7 @@ class ConnectionCapTests(HttpAttackCase):
         self.assertEqual(self.gate.open_by("127.0.0.1"), 2)
         third = self.open_sockets(1)[0]
         yield wait(0.3)
-        self.assertEqual(third.recv(1), b"")  # refused at accept
+        self.assertTrue(refused_at_accept(third))
         # Each session is refused when guacd's handshake times out (1 s), and
         # closed; the browser is gone, so Autobahn drops the connection.
         for sock in socks:
@@ -666,3 +681,60 @@ key_file = "{self.directory / "keys"}"
             sock.close()
         time.sleep(1.5)  # the next count of descriptors sees them gone
         self.assertEqual(status_of(blocking_get(self.port, "/api/console-modes", "127.0.0.3")), 200)
+
+
+class TlsCapTests(TestCase):
+    """Over TLS (ssl: endpoints): refused before the handshake; a WSS session keeps its place."""
+
+    @inlineCallbacks
+    def test_refused_before_the_handshake_and_wss_released_on_close(self) -> None:
+        guacd = FakeGuacd(reactor)
+        yield guacd.start()
+        self.addCleanup(guacd.stop)
+        key, cert, ca = make_tls_files(FilePath(self.mktemp()))
+        server = yield start_server(self, guacd_port=guacd.port)
+        gate = ConnectionGate(1)
+        site = build_site(
+            ConsoleProxyWeb(
+                TokenApi(server.cloud, server.cloud, server.tokens), RelayResource(server.relay)
+            ),
+            reactor,
+            gate=gate,
+        )
+        listening = yield serverFromString(
+            reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        ).listen(site)
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+        token = server.tokens.seal(ALICE, VNC)
+        endpoint = wrapClientTLS(
+            optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(ca)),
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port),
+        )
+        client = yield endpoint.connect(
+            ClientFactory(
+                f"wss://localhost:{port}/guacamole?token={token}", protocols=["guacamole"]
+            )
+        )
+        yield client.opened
+        conn = yield guacd.wait_for_connection()
+        self.assertEqual(gate.total, 1)
+
+        def second() -> bytes:
+            sock = client_socket()
+            sock.settimeout(5)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"\x16\x03\x01\x00\x05hello")  # the start of a ClientHello
+            try:
+                return sock.recv(100)
+            except ConnectionResetError:
+                return b""
+            finally:
+                sock.close()
+
+        self.assertEqual((yield deferToThread(second)), b"")  # closed, no ServerHello
+        client.sendClose(1000)
+        yield client.closed
+        yield conn.closed
+        yield wait(0.2)
+        self.assertEqual(gate.total, 0)
