@@ -39,7 +39,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from consoleproxy.guacamole.status import GuacamoleError, Status
 from consoleproxy.interfaces import ITunnels
-from consoleproxy.net.clients import Client, ClientAddresses
+from consoleproxy.net.clients import Client, ClientAddresses, in_networks
 from consoleproxy.net.fastwrite import write_now
 from consoleproxy.net.logsafe import log_safe
 from consoleproxy.net.ratelimit import LineThrottle, RateLimiter, retry_after
@@ -137,7 +137,8 @@ class RelayPolicy:
         not answered by the next one is gone; 0: no pings.
     @ivar events: the observers told of every session.
     @ivar upgrade_limiter: the per-client rate of WebSocket upgrades (429
-        beyond it, before anything is set up); C{None}: no limit.
+        beyond it, before anything is set up); C{None}: no limit.  A trusted
+        frontend that names no client (another zone's proxy) is not limited.
     @ivar refusal_lines: how often a client's refusals are logged (C{None}:
         each relay factory keeps its own default throttle).
     """
@@ -192,7 +193,8 @@ class RelayFactory(WebSocketServerFactory):
         self.sessions: set[Any] = set()
         self.lingering: set[IDelayedCall] = set()
         self.token_refusals: dict[str, int] = {}
-        self.refusal_lines = self.policy.refusal_lines or LineThrottle(clock)
+        lines = self.policy.refusal_lines  # (an empty throttle is falsy: test for None)
+        self.refusal_lines = lines if lines is not None else LineThrottle(clock)
         self._batched_timer = ClockTimer(clock)
         self.setProtocolOptions(
             webStatus=False,
@@ -719,8 +721,13 @@ class RelayResource(WebSocketResource):
                 f"a WebSocket endpoint (subprotocol {self.subprotocol})",
             )
         limiter = self._factory.policy.upgrade_limiter
-        if limiter is not None:
-            wait = limiter.take(client_of(request).rate_key())
+        client = client_of(request)
+        # A trusted frontend that names no client is another zone's proxy hopping
+        # here with its users' consoles: not limited as one client.
+        if limiter is not None and not in_networks(
+            client.host, self._factory.policy.clients.trusted
+        ):
+            wait = limiter.take(client.rate_key())
             if wait is not None:
                 # Before anything is set up (no Autobahn, no token check, no log line).
                 request.setHeader(b"Retry-After", str(retry_after(wait)).encode())

@@ -30,6 +30,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.filepath import FilePath
@@ -37,7 +38,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from consoleproxy.net.clients import ClientAddresses, networks
 from consoleproxy.net.connlimit import ConnectionGate
-from consoleproxy.net.ratelimit import RateLimiter
+from consoleproxy.net.ratelimit import LineThrottle, RateLimiter
 from consoleproxy.ops.health import HealthResource
 from consoleproxy.relay.websocket import RelayPolicy, RelayResource
 from consoleproxy.web.api import TokenApi
@@ -233,6 +234,7 @@ class HttpAttackCase(TestCase):
         trusted: tuple[str, ...] = (),
         stall_timeout: float = 10.0,
         upgrade_limiter: RateLimiter | None = None,
+        refusal_lines: LineThrottle | None = None,
         guacd_port: int = 1,
         handshake_timeout: float = 15,
     ):
@@ -241,7 +243,9 @@ class HttpAttackCase(TestCase):
         self.big = os.urandom(BIG_FILE_BYTES)
         (static / "big.js").write_bytes(self.big)
         clients = ClientAddresses(networks(trusted))
-        policy = RelayPolicy(clients=clients, upgrade_limiter=upgrade_limiter)
+        policy = RelayPolicy(
+            clients=clients, upgrade_limiter=upgrade_limiter, refusal_lines=refusal_lines
+        )
         self.server = yield start_server(
             self, guacd_port=guacd_port, policy=policy, handshake_timeout=handshake_timeout
         )
@@ -474,8 +478,9 @@ class LogInjectionTests(HttpAttackCase):
     def test_a_forwarded_address_is_escaped(self) -> None:
         """
         An IPv6 scope in X-Forwarded-For (believed from a trusted frontend)
-        may carry control characters: the API's and the access log's lines
-        escape them.  (Autobahn refuses such headers on a WebSocket upgrade.)
+        may carry control characters: it is dropped, and nothing of it reaches
+        the API's or the access log's lines.  (Autobahn refuses such headers
+        on a WebSocket upgrade.)
         """
         log = LogCapture(self)
         yield self.serve(trusted=("127.0.0.1",))
@@ -488,21 +493,23 @@ class LogInjectionTests(HttpAttackCase):
         self.assertEqual(status_of(response), 400)
         yield wait(0.1)
         [line] = log.matching("^Token refused")
-        self.assertIn("peer=fe80::1%\\x1b[31m\\x7fforged (via 127.0.0.1)", line)
+        self.assertIn("peer=fe80::1 (via 127.0.0.1)", line)  # the scope is dropped
         [access] = self.access_log.lines
         for text in (line, access.rstrip("\n")):
             self.assertEqual(control_characters(text), [])
 
 
 class RefusalFloodTests(HttpAttackCase):
-    def upgrade(self, source: str = "127.0.0.1") -> bytes:
+    def upgrade(self, source: str = "127.0.0.1", headers: bytes = b"") -> bytes:
         sock = client_socket(source)
         sock.settimeout(5)
         sock.connect(("127.0.0.1", self.port))
         sock.sendall(
             b"GET /guacamole?token=bad HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: guacamole\r\n\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: guacamole\r\n"
+            + headers
+            + b"\r\n"
         )
         data = b""
         try:
@@ -550,6 +557,38 @@ class RefusalFloodTests(HttpAttackCase):
         self.assertEqual(status_of(other), 101)
         # The 429s are in the access log, but rate-limited like refusals.
         self.assertLessEqual(len([x for x in self.access_log.lines if '" 429 ' in x]), 5)
+
+    @inlineCallbacks
+    def test_suppressed_refusals_are_counted_in_the_next_line(self) -> None:
+        clock = Clock()
+        log = LogCapture(self)
+        yield self.serve(refusal_lines=LineThrottle(clock, rate=0.2, burst=2))
+        for _ in range(7):
+            yield deferToThread(self.upgrade)
+        self.assertEqual(len(log.matching(r"^Console refused: peer=127\.0\.0\.1 ")), 2)
+        clock.advance(5)
+        yield deferToThread(self.upgrade)
+        self.assertEqual(len(log.matching(r"^Console refused: peer=127\.0\.0\.1 ")), 3)
+        self.assertEqual(log.matching("suppressed"), ["5 refusals from 127.0.0.1 suppressed"])
+
+    @inlineCallbacks
+    def test_upgrade_rate_behind_a_frontend(self) -> None:
+        """
+        Behind a trusted frontend the named client is limited; the frontend
+        naming nobody (another zone's proxy hopping here) is not.
+        """
+        yield self.serve(
+            trusted=("127.0.0.1",), upgrade_limiter=RateLimiter(reactor, rate=0.01, burst=2)
+        )
+        forwarded = b"X-Forwarded-For: 192.0.2.7\r\n"
+        statuses = []
+        for _ in range(3):
+            statuses.append(status_of((yield deferToThread(self.upgrade, headers=forwarded))))
+        self.assertEqual(statuses, [101, 101, 429])
+        statuses = []
+        for _ in range(4):
+            statuses.append(status_of((yield deferToThread(self.upgrade))))
+        self.assertEqual(statuses, [101] * 4)
 
 
 # -- at the descriptor limit: a real twistd ------------------------------------------------
