@@ -32,7 +32,6 @@ from typing import Any
 
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.http import datetimeToLogString
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -241,24 +240,25 @@ class _Root(Resource):
 
 
 def access_log_line(timestamp: str, request: Request) -> str:
-    """A combined-log-format line with the path only: never the query string."""
+    """
+    A combined-log-format line with the path only (never the query string), and
+    without the format's own timestamp: every log line is stamped already (by
+    twistd, in the JSON record, or by the journal).
+    """
 
     def quote(value: bytes | None) -> str:
         # Control characters escaped (log_safe), then the quotes of the format.
         return log_safe(value or b"-").replace('"', '\\"')
 
-    return (
-        '"{ip}" - - {time} "{method} {path} {proto}" {code} {length} "{referrer}" "{agent}"'.format(
-            ip=log_safe(client_of(request).host),
-            time=timestamp or datetimeToLogString(),
-            method=quote(request.method),
-            path=quote(request.path),
-            proto=quote(request.clientproto),
-            code=request.code,
-            length=request.sentLength or "-",
-            referrer=quote(request.getHeader(b"referer")).split("?", 1)[0],
-            agent=quote(request.getHeader(b"user-agent")),
-        )
+    return '"{ip}" - - "{method} {path} {proto}" {code} {length} "{referrer}" "{agent}"'.format(
+        ip=log_safe(client_of(request).host),
+        method=quote(request.method),
+        path=quote(request.path),
+        proto=quote(request.clientproto),
+        code=request.code,
+        length=request.sentLength or "-",
+        referrer=quote(request.getHeader(b"referer")).split("?", 1)[0],
+        agent=quote(request.getHeader(b"user-agent")),
     )
 
 
