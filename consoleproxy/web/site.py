@@ -337,8 +337,8 @@ class ConsoleProxySite(Site):
             self._log.info("Connection from {peer} refused: {why}", peer=log_safe(peer), why=why)
 
     def log(self, request: Request) -> None:
-        """The access log; a client's 429 answers are rate-limited like refusals."""
-        if request.code == 429:
+        """The access log; a client's 429 and 503 answers are rate-limited like refusals."""
+        if request.code in (429, 503):
             client = client_of(request)
             suppressed = self.refusal_lines.allow(client.rate_key())
             if suppressed is None:
