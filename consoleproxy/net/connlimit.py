@@ -219,7 +219,8 @@ class ConnectionGate:
 
     def key_of(self, host: str) -> tuple[str, int]:
         """The key a peer is counted under, and that key's cap."""
-        if self.frontends and in_networks(host, self.frontends):
+        if host == "-" or (self.frontends and in_networks(host, self.frontends)):
+            # (No address: a UNIX socket, which only a local frontend reaches.)
             return f"frontend {host}", self.per_frontend
         return Client(host, "").rate_key(), self.per_client
 

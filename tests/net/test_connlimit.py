@@ -62,6 +62,12 @@ class GateTests(SynchronousTestCase):
         self.assertEqual(gate.open_by("192.0.2.9"), 0)
         self.assertEqual(gate.total, 3)  # requests are not connections
 
+    def test_unix_socket_peers_are_one_frontend(self) -> None:
+        gate = ConnectionGate(1, per_frontend=2)
+        gate.admit("-")
+        gate.admit("-")
+        self.assertRaises(Refused, gate.admit, "-")
+
     def test_table_holds_only_clients_with_connections(self) -> None:
         gate = ConnectionGate(5)
         leases = [gate.admit(f"192.0.2.{n}") for n in range(100)]
