@@ -230,15 +230,17 @@ class Fleet:
         rfb_port: int,
         source: Path = ROOT,
         name: str = "consoleproxy",
-        lifts: str = "",
+        lifts: dict[str, str] | None = None,
     ) -> int:
         """
         consoleproxy under twistd with a bench configuration; its port.
 
         C{source} is the tree it runs from (another revision for C{--baseline}),
-        C{lifts} configuration lines that lift that revision's own per-client limits.
+        C{lifts} configuration lines by section (``server``, ``relay``, ...) that lift
+        that revision's own per-client limits.
         """
         port = free_port()
+        lifts = lifts or {}
         d = self.directory / name.replace(" ", "-").replace("@", "-")
         d.mkdir(exist_ok=True)
         quick = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1).hash(PASSWORD)
@@ -259,16 +261,18 @@ class Fleet:
         config = d / "consoleproxy.toml"
         config.write_text(
             f'[server]\nlisten = ["tcp:{port}:interface=127.0.0.1"]\n'
-            f'[guacd]\nendpoint = "tcp:127.0.0.1:{guacd_port}"\ntimezone = "UTC"\n'
+            + lifts.get("server", "")
+            + f'[guacd]\nendpoint = "tcp:127.0.0.1:{guacd_port}"\ntimezone = "UTC"\n'
             f'[tokens]\nkey_file = "{d / "consoleproxy.keys"}"\n'
             # One client address and one user open every session here: lift the token
             # API's per-address rate limit and the per-user session cap, which would
             # otherwise measure themselves.  The Origin is the one the load generator sends.
             f'[relay]\nallowed_origins = ["http://127.0.0.1:{port}"]\n'
             "max_sessions = 1000000\nmax_sessions_per_user = 1000000\n"
-            "[api]\nrate = 1000000.0\nburst = 1000000\n"
+            + lifts.get("relay", "")
+            + "[api]\nrate = 1000000.0\nburst = 1000000\n"
             f'[inventory]\npath = "{d / "inventory.toml"}"\n'
-            f'[tunnels]\nknown_hosts = "{d / "known_hosts"}"\n' + lifts
+            f'[tunnels]\nknown_hosts = "{d / "known_hosts"}"\n' + lifts.get("", "")
         )
         twistd = ROOT / ".venv" / "bin" / "twistd"
         args = [str(twistd), "-n", "--pidfile=", "-l", str(d / "consoleproxy-twistd.log")]
@@ -949,9 +953,13 @@ def collect_checks(results: dict[str, Any]) -> tuple[list[str], float]:
 
 
 SECTIONS = ("capacity", "setup", "throughput", "latency", "rfb", "profile")
-#: Configuration lines that lift limits of the current revision which would otherwise
-#: measure themselves here (one client address opens every session).
-LIFTS = ""
+#: Configuration lines (by section; "": new sections at the end) that lift limits of the
+#: current revision which would otherwise measure themselves here (one client address
+#: opens every session): the per-address connection cap and WebSocket upgrade rate.
+LIFTS = {
+    "server": "max_connections_per_client = 1000000\n",
+    "relay": "upgrade_rate = 1000000.0\nupgrade_burst = 1000000\n",
+}
 
 
 def checkout(revision: str, directory: Path) -> Path:

@@ -85,6 +85,27 @@ class ConfigTests(SynchronousTestCase):
         error = self.assertRaises(ConfigError, Config.load, "/nonexistent/c.toml")
         self.assertIn("cannot read /nonexistent/c.toml", str(error))
 
+    def test_connection_limits_checked(self) -> None:
+        config = Config.load()
+        self.assertEqual(
+            (
+                config.max_connections_per_client,
+                config.max_connections_per_frontend,
+                config.descriptor_reserve,
+                config.stall_timeout,
+                config.upgrade_rate,
+                config.upgrade_burst,
+            ),
+            (256, 4096, 128, 10.0, 5.0, 60),
+        )
+        self.assertConfigError(
+            "server.max_connections_per_client", "whole number", max_connections_per_client=0
+        )
+        self.assertConfigError("server.descriptor_reserve", "from 16", descriptor_reserve=8)
+        self.assertConfigError("server.stall_timeout", "between", stall_timeout=0)
+        self.assertConfigError("relay.upgrade_rate", "between", upgrade_rate=0)
+        self.assertConfigError("relay.upgrade_burst", "whole number", upgrade_burst=1.5)
+
     def test_bad_endpoints(self) -> None:
         for listen, words in (
             ("tcp:notaport", "bad endpoint 'tcp:notaport'"),
