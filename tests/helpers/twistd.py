@@ -50,17 +50,20 @@ def start_twistd(
     cwd: str,
     env: Mapping[str, str],
     child_fds: dict[int, Any] | None = None,
+    wrapper: tuple[str, ...] = (),
 ) -> TwistdProcess:
     """
     Start ``twistd -n --pidfile= consoleproxy ARGS`` with C{python} in C{cwd}; killed at
     cleanup.  C{env} is the whole environment (nothing of this process's is added), and
-    C{child_fds} (spawnProcess's childFDs) passes descriptors on, e.g. a listening socket.
+    C{child_fds} (spawnProcess's childFDs) passes descriptors on, e.g. a listening socket;
+    C{wrapper} comes first on the command line (a shell that sets LISTEN_PID, say).
     """
     process = TwistdProcess()
+    argv = [*wrapper, python, "-c", TWISTD, "-n", "--pidfile=", "consoleproxy", *args]
     process.transport = reactor.spawnProcess(
         process,
-        python,
-        [python, "-c", TWISTD, "-n", "--pidfile=", "consoleproxy", *args],
+        argv[0],
+        argv,
         env=dict(env),
         path=cwd,
         childFDs=child_fds or {0: "w", 1: "r", 2: "r"},
