@@ -69,16 +69,31 @@ def run(*argv: str, cwd: str, env: dict[str, str] | None = None):  # type: ignor
     return code, (out + err).decode(errors="replace")
 
 
+def offline_build_tools() -> bool:
+    """Whether this Python has what the build needs (setup.cfg's test extra installs it)."""
+    try:
+        import setuptools  # noqa: PLC0415
+        import wheel  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return int(setuptools.__version__.split(".")[0]) >= 68
+
+
 @inlineCallbacks
 def build_wheel(testcase: TestCase, source: str):  # type: ignore[no-untyped-def]
-    """pip wheel of C{source} (isolated build: setuptools from the index or pip's cache)."""
+    """
+    pip wheel of C{source}: offline with this Python's setuptools and wheel when it has
+    them, else in pip's isolated build environment (setuptools from the index or cache).
+    """
     out = os.path.abspath(testcase.mktemp())
+    offline = ["--no-build-isolation", "--no-index"] if offline_build_tools() else []
     code, output = yield run(
         sys.executable,
         "-m",
         "pip",
         "wheel",
         "--no-deps",
+        *offline,
         "--disable-pip-version-check",
         "-q",
         "-w",
