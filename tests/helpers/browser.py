@@ -60,6 +60,29 @@ def trust_key(certificate_pem: bytes) -> str:
     return f"--ignore-certificate-errors-spki-list={digest}"
 
 
+def open_guacamole_console(
+    browser: Browser, guacd: Any, url: str, user: str = "alice", password: str = "wonderland"
+) -> Deferred[dict[str, Any]]:
+    """
+    Open the console page at C{url}; when the relay's guacd connection arrives at the
+    fake guacd C{guacd} (its second: the first is /api/console-modes's probe), draw a
+    400x300 red screen and a frame.  Fires with what the page shows once it is
+    connected or failed (the driver's C{wait_state}), with C{"status"} the page's HTTP status.
+    """
+
+    async def steps() -> dict[str, Any]:
+        opened = await browser.command("open", url=url, user=user, password=password)
+        conn = await guacd.wait_for_connection(2)
+        conn.send("size", "0", "400", "300")
+        conn.send("rect", "0", "0", "0", "400", "300")
+        conn.send("cfill", "14", "0", "220", "30", "40", "255")
+        conn.send_sync(1)
+        shown = await browser.command("wait_state", states=["connected", "error"], timeout=15000)
+        return {**shown, "status": opened["status"]}
+
+    return Deferred.fromCoroutine(steps())
+
+
 class DriverError(Exception):
     """The driver answered a command with an error."""
 

@@ -29,7 +29,12 @@ from twisted.trial.unittest import SkipTest, TestCase
 from consoleproxy.ops.systemd import SystemdNotifier, notify
 from tests.helpers.realservers import free_port
 from tests.helpers.support import wait, write_inventory
-from tests.helpers.twistd import base_environment, start_twistd, wait_until_serving
+from tests.helpers.twistd import (
+    TwistdProcess,
+    base_environment,
+    start_twistd,
+    wait_until_serving,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UNITS = os.path.join(ROOT, "examples", "systemd")
@@ -75,6 +80,16 @@ def listen_notify(testcase: TestCase) -> tuple[str, NotifySocket]:
     return path, receiver
 
 
+@inlineCallbacks
+def take_port(testcase: TestCase):  # type: ignore[no-untyped-def]
+    """A port on 127.0.0.1 that something else listens on (until cleanup)."""
+    taken = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+        Factory.forProtocol(Protocol)
+    )
+    testcase.addCleanup(taken.stopListening)
+    return taken
+
+
 class NotifyTests(TestCase):
     """notify() and SystemdNotifier in this process, against a real datagram socket."""
 
@@ -106,10 +121,7 @@ class NotifyTests(TestCase):
     @inlineCallbacks
     def test_ready_only_when_every_endpoint_listens(self):  # type: ignore[no-untyped-def]
         path, receiver = listen_notify(self)
-        taken = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-            Factory.forProtocol(Protocol)
-        )
-        self.addCleanup(taken.stopListening)
+        taken = yield take_port(self)
         for descriptions, ready in (
             (["tcp:0:interface=127.0.0.1"], True),
             (
@@ -172,17 +184,20 @@ class TwistdSystemdTests(TestCase):
         self.directory = os.path.abspath(self.mktemp())
         os.makedirs(self.directory)
 
+    def start_notifying(self, notify_socket: str, listen: str) -> TwistdProcess:
+        """twistd listening on C{listen}, with NOTIFY_SOCKET set."""
+        return start_twistd(
+            self,
+            f"--config={write_config(self.directory, listen)}",
+            cwd=self.directory,
+            env={**checkout_environment(), "NOTIFY_SOCKET": notify_socket},
+        )
+
     @inlineCallbacks
     def test_ready_after_listening_stopping_on_sigterm(self):  # type: ignore[no-untyped-def]
         path, receiver = listen_notify(self)
         port = free_port()
-        config = write_config(self.directory, f"tcp:{port}:interface=127.0.0.1")
-        process = start_twistd(
-            self,
-            f"--config={config}",
-            cwd=self.directory,
-            env={**checkout_environment(), "NOTIFY_SOCKET": path},
-        )
+        process = self.start_notifying(path, f"tcp:{port}:interface=127.0.0.1")
         ready = yield receiver.wait_for("READY=1")
         self.assertIn(f"port={port}", ready)
         # Ready means listening: the first request after it is answered.
@@ -198,17 +213,8 @@ class TwistdSystemdTests(TestCase):
     @inlineCallbacks
     def test_no_ready_when_the_port_is_taken(self):  # type: ignore[no-untyped-def]
         path, receiver = listen_notify(self)
-        taken = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-            Factory.forProtocol(Protocol)
-        )
-        self.addCleanup(taken.stopListening)
-        config = write_config(self.directory, f"tcp:{taken.getHost().port}:interface=127.0.0.1")
-        process = start_twistd(
-            self,
-            f"--config={config}",
-            cwd=self.directory,
-            env={**checkout_environment(), "NOTIFY_SOCKET": path},
-        )
+        taken = yield take_port(self)
+        process = self.start_notifying(path, f"tcp:{taken.getHost().port}:interface=127.0.0.1")
         status = yield receiver.wait_for("STATUS=could not listen on every endpoint (see the log)")
         self.assertNotIn("READY=1", status)
         self.assertIn(b"Address already in use", process.output)

@@ -27,7 +27,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, readBody
 from twisted.web.http_headers import Headers
 
-from tests.helpers.browser import Browser, require_browser, trust_key
+from tests.helpers.browser import Browser, open_guacamole_console, require_browser, trust_key
 from tests.helpers.consoleserver import console_inventory
 from tests.helpers.fakeguacd import FakeGuacd
 from tests.helpers.realservers import free_port
@@ -225,16 +225,8 @@ class NginxFrontendTests(TestCase):
 
         browser = yield Browser.start(self, extra_args=[trust_key(self.cert_pem)])
         # Guacamole: the page, its libraries and the /guacamole WebSocket through nginx.
-        opened = yield browser.command(
-            "open", url=f"{self.origin}/console/7/vnc", user="alice", password="wonderland"
-        )
-        self.assertEqual(opened["status"], 200)
-        conn = yield self.guacd.wait_for_connection(2)  # 1: /api/console-modes's probe
-        conn.send("size", "0", "400", "300")
-        conn.send("rect", "0", "0", "0", "400", "300")
-        conn.send("cfill", "14", "0", "220", "30", "40", "255")
-        conn.send_sync(1)
-        shown = yield browser.command("wait_state", states=["connected", "error"], timeout=15000)
+        shown = yield open_guacamole_console(browser, self.guacd, f"{self.origin}/console/7/vnc")
+        self.assertEqual(shown["status"], 200)
         self.assertEqual((shown["state"], shown["mode"]), ("connected", "guacamole"), shown)
         # noVNC: the /rfb WebSocket through nginx to a real x11vnc.
         opened = yield browser.command(
