@@ -18,12 +18,14 @@ import shutil
 import sys
 import sysconfig
 import zipfile
+from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from consoleproxy.web import assets
 from tests.helpers.browser import Browser, open_guacamole_console, require_browser
 from tests.helpers.consoleserver import console_inventory
 from tests.helpers.fakeguacd import FakeGuacd
@@ -237,3 +239,25 @@ class WheelTests(TestCase):
         self.assertEqual(shown["status"], 200)
         self.assertEqual((shown["state"], shown["mode"]), ("connected", "guacamole"), shown)
         self.assertNotIn("not installed", shown["text"])
+
+
+class LookupOrderTests(SynchronousTestCase):
+    """Where the page's libraries come from: the override, the packaged copy, the checkout."""
+
+    def test_order(self) -> None:
+        packaged = os.path.abspath(self.mktemp())
+        self.patch(assets, "packaged_vendor_dir", lambda: Path(packaged))
+        # No packaged copy (a checkout): node_modules beside the source tree, if any.
+        beside = Path(NODE_MODULES) if os.path.isdir(NODE_MODULES) else None
+        self.assertEqual(assets.default_node_modules(), beside or Path.cwd() / "node_modules")
+        os.makedirs(packaged)
+        self.assertEqual(assets.default_node_modules(), Path(packaged))
+        self.assertEqual(assets.StaticFiles().node_modules, Path(packaged))
+        override = os.path.abspath(self.mktemp())
+        self.assertEqual(assets.StaticFiles(override).node_modules, Path(override))
+
+    def test_packaged_copy_is_inside_the_package(self) -> None:
+        self.assertEqual(
+            assets.packaged_vendor_dir(),
+            Path(assets.__file__).resolve().parent / "vendor",
+        )
