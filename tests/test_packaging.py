@@ -5,8 +5,9 @@ without its dependencies into a fresh virtualenv in a temporary directory, and r
 ``twistd -n consoleproxy`` with ``/`` as working directory and no PYTHONPATH.  Its
 dependencies come from this checkout's virtualenv, added after the new one's site-packages
 (a ``.pth`` line), so only the wheel provides consoleproxy: the test checks which files the
-running server imports, that it serves the libraries' bytes the wheel holds, and that the
-page works in headless Chromium against the fake guacd.  A tree without ``node_modules``
+installed package imports, then runs ``consoleproxy serve`` from ``/`` and checks that it
+serves the libraries' bytes the wheel holds, and that the page works in headless Chromium
+against the fake guacd.  A tree without ``node_modules``
 fails to build, naming what is missing.
 """
 
@@ -215,8 +216,10 @@ class WheelTests(TestCase):
                 f'[inventory]\npath = "{inventory}"\n'
                 f'[relay]\nallowed_origins = ["http://127.0.0.1:{port}"]\n'
             )
+        # What an operator runs: the installed command, from /, no PYTHONPATH.
+        self.assertTrue(os.access(os.path.join(os.path.dirname(python), "consoleproxy"), os.X_OK))
         process = start_twistd(
-            self, f"--config={config}", python=python, cwd="/", env=base_environment()
+            self, f"--config={config}", python=python, cwd="/", env=base_environment(), serve=True
         )
         yield wait_until_serving(self, process, f"http://127.0.0.1:{port}/healthz")
         self.assertNotIn(b"libraries are not installed", process.output)

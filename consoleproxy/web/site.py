@@ -211,17 +211,15 @@ def access_log_line(timestamp: str, request: Request) -> str:
         text = (value or b"-").decode("ascii", "replace")
         return text.replace("\\", "\\\\").replace('"', '\\"')
 
-    return (
-        '"{ip}" - - "{method} {path} {proto}" {code} {length} "{referrer}" "{agent}"'.format(
-            ip=client_of(request).host,
-            method=quote(request.method),
-            path=quote(request.path),
-            proto=quote(request.clientproto),
-            code=request.code,
-            length=request.sentLength or "-",
-            referrer=quote(request.getHeader(b"referer")).split("?", 1)[0],
-            agent=quote(request.getHeader(b"user-agent")),
-        )
+    return '"{ip}" - - "{method} {path} {proto}" {code} {length} "{referrer}" "{agent}"'.format(
+        ip=client_of(request).host,
+        method=quote(request.method),
+        path=quote(request.path),
+        proto=quote(request.clientproto),
+        code=request.code,
+        length=request.sentLength or "-",
+        referrer=quote(request.getHeader(b"referer")).split("?", 1)[0],
+        agent=quote(request.getHeader(b"user-agent")),
     )
 
 

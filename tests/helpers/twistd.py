@@ -51,15 +51,22 @@ def start_twistd(
     env: Mapping[str, str],
     child_fds: dict[int, Any] | None = None,
     wrapper: tuple[str, ...] = (),
+    serve: bool = False,
 ) -> TwistdProcess:
     """
     Start ``twistd -n --pidfile= consoleproxy ARGS`` with C{python} in C{cwd}; killed at
     cleanup.  C{env} is the whole environment (nothing of this process's is added), and
     C{child_fds} (spawnProcess's childFDs) passes descriptors on, e.g. a listening socket;
     C{wrapper} comes first on the command line (a shell that sets LISTEN_PID, say).
+    With C{serve}, the command is ``python -m consoleproxy serve ARGS`` (the same
+    service, as the systemd unit runs it).
     """
     process = TwistdProcess()
-    argv = [*wrapper, python, "-c", TWISTD, "-n", "--pidfile=", "consoleproxy", *args]
+    if serve:
+        command = [python, "-m", "consoleproxy", "serve"]
+    else:
+        command = [python, "-c", TWISTD, "-n", "--pidfile=", "consoleproxy"]
+    argv = [*wrapper, *command, *args]
     process.transport = reactor.spawnProcess(
         process,
         argv[0],

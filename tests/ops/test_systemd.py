@@ -191,6 +191,7 @@ class TwistdSystemdTests(TestCase):
             f"--config={write_config(self.directory, listen)}",
             cwd=self.directory,
             env={**checkout_environment(), "NOTIFY_SOCKET": notify_socket},
+            serve=True,
         )
 
     @inlineCallbacks
@@ -245,6 +246,7 @@ class TwistdSystemdTests(TestCase):
             child_fds={0: "w", 1: "r", 2: "r", 3: inherited.fileno()},
             # LISTEN_PID is the service's own pid: a shell sets it, then becomes twistd.
             wrapper=("/bin/sh", "-c", 'LISTEN_PID=$$ exec "$0" "$@"'),
+            serve=True,
         )
         inherited.close()  # only the child holds it now
         code, body = yield wait_until_serving(self, process, f"http://127.0.0.1:{port}/healthz")
@@ -262,15 +264,14 @@ class UnitFileTests(TestCase):
             raise SkipTest("systemd-analyze is not installed (Debian package systemd)")
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
-        # verify checks that ExecStart's program exists: point it at this twistd.
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        # verify checks that ExecStart's program exists: point it at this Python.
         for name in ("consoleproxy.service", "consoleproxy.socket"):
             with open(os.path.join(UNITS, name)) as f:
                 text = f.read()
             if name.endswith(".service"):
-                self.assertIn("/opt/consoleproxy/bin/twistd", text)
+                self.assertIn("/opt/consoleproxy/bin/consoleproxy serve", text)
             with open(os.path.join(directory, name), "w") as f:
-                f.write(text.replace("/opt/consoleproxy/bin/twistd", twistd))
+                f.write(text.replace("/opt/consoleproxy/bin/consoleproxy", sys.executable))
         out, err, code = yield getProcessOutputAndValue(
             analyze,
             ["verify", "consoleproxy.socket", "consoleproxy.service"],
