@@ -158,8 +158,11 @@ class NotifyTests(TestCase):
 
 
 def checkout_environment() -> dict[str, str]:
-    """What a twistd of this checkout needs: its source on the path."""
-    return {**base_environment(), "PYTHONPATH": ROOT}
+    """
+    What the server of this checkout needs (its source on the path), and what systemd
+    sets for every service (INVOCATION_ID: ``consoleproxy serve`` then logs for the journal).
+    """
+    return {**base_environment(), "PYTHONPATH": ROOT, "INVOCATION_ID": "0" * 32}
 
 
 def write_config(directory: str, listen: str | None) -> str:
