@@ -45,6 +45,7 @@ from consoleproxy.ops.health import (
     oned_check,
 )
 from consoleproxy.ops.metrics import Metrics, MetricsResource
+from consoleproxy.ops.systemd import SystemdNotifier
 from consoleproxy.relay.guacamole_relay import (
     FederationSettings,
     GuacamoleRelayFactory,
@@ -578,8 +579,10 @@ def makeService(options: Options) -> IService:
         announce=parts["metrics"].set_draining,
         reopen=audit.reopen if audit is not None else None,
     ).setServiceParent(service)
-    for endpoint in parts["endpoints"]:
-        StreamServerEndpointService(endpoint, parts["site"]).setServiceParent(service)
+    listening = [StreamServerEndpointService(e, parts["site"]) for e in parts["endpoints"]]
+    for port in listening:
+        port.setServiceParent(service)
+    SystemdNotifier(parts["reactor"], listening).setServiceParent(service)
     config = parts["config"]
     if parts["assets"].missing:
         log.warn(

@@ -15,10 +15,8 @@ from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectError
-from twisted.internet.protocol import ProcessProtocol
 from twisted.plugin import getPlugins
 from twisted.python import usage
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 
@@ -26,6 +24,7 @@ from consoleproxy import tap
 from consoleproxy.config import Config, ConfigError, example_path, with_backlog
 from tests.helpers.fakeguacd import FakeGuacd
 from tests.helpers.support import basic, get_json, wait, write_inventory
+from tests.helpers.twistd import TwistdProcess as _Twistd
 from tests.helpers.wsclient import connect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,23 +170,6 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(
             str(error), "configuration error: guacd.endpoint: use a tcp:, tls: or unix: endpoint"
         )
-
-
-class _Twistd(ProcessProtocol):
-    """A twistd child process: collects output, fires C{ended} with the exit code."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: Deferred[int] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        self.signal = getattr(reason.value, "signal", None)
-        self.ended.callback(reason.value.exitCode)
 
 
 class TwistdTests(TestCase):

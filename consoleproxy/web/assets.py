@@ -3,8 +3,10 @@ Static files of the console page: consoleproxy's own and the npm libraries.
 
 The browser libraries are npm packages (``package.json`` and its lock file,
 installed by ``scripts/setup`` with ``npm ci`` into ``node_modules``); nothing
-is copied into the repository.  They are served under ``/static/vendor/`` with
-the installed version in the URL, so they can be cached for good::
+is copied into the repository, but a wheel carries them (``setup.py`` copies
+them into ``consoleproxy/web/vendor/`` of the build).  They are served under
+``/static/vendor/`` with the installed version in the URL, so they can be
+cached for good::
 
     /static/console.js, /static/console.css        consoleproxy/web/static/
     /static/vendor/guacamole-common-js@1.5.0/...   node_modules/guacamole-common-js/dist/esm/
@@ -78,8 +80,25 @@ def own_static_dir() -> Path:
     return Path(__file__).resolve().parent / "static"
 
 
+def packaged_vendor_dir() -> Path:
+    """
+    The libraries a wheel carries (``consoleproxy/web/vendor``, laid out like
+    ``node_modules``): ``setup.py`` copies them there at build time, so an
+    installed consoleproxy serves its page from any directory.
+    """
+    return Path(__file__).resolve().parent / "vendor"
+
+
 def default_node_modules() -> Path:
-    """``node_modules`` beside the source tree (where ``scripts/setup`` puts it)."""
+    """
+    Where the libraries are when ``console.node_modules`` does not say: the
+    packaged copy (a wheel), else ``node_modules`` beside the source tree
+    (a checkout, where ``scripts/setup`` runs ``npm ci``), else the working
+    directory's.
+    """
+    packaged = packaged_vendor_dir()
+    if packaged.is_dir():
+        return packaged
     beside = Path(__file__).resolve().parents[2] / "node_modules"
     if beside.is_dir():
         return beside
