@@ -3,8 +3,9 @@
 
 Options parse and check everything (configuration, endpoints, key file,
 inventory) in L{Options.postOptions}, so that a bad value ends start-up with
-one message before anything listens.  L{makeService} only wires the checked
-parts together.
+one message (no usage text, exit status 2) before anything listens.
+L{makeService} only wires the checked parts together; an endpoint that cannot
+listen ends start-up with one line too (L{ListenFailed}, exit status 1).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -172,7 +174,25 @@ class Options(usage.Options):
         try:
             self.parts = build_parts(Config.load(self["config"], overrides), reactor)
         except (ConfigError, KeyFileError, InventoryError) as e:
-            raise usage.UsageError(f"configuration error: {e}") from e
+            message = f"configuration error: {e}"
+            sys.stderr.write(f"consoleproxy: {message}\n")
+            sys.stderr.flush()
+            raise ConfigExit(message) from e
+
+
+class ConfigExit(SystemExit):
+    """
+    A configuration error ends start-up: one line on standard error, exit
+    status 2 (a usage error's).
+
+    twistd answers a L{usage.UsageError} with the whole options text above
+    the message, which buries the one line that matters; a L{SystemExit}
+    passes through twistd untouched, as C{--help}'s does.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
 
 
 def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
@@ -478,14 +498,57 @@ def endpoint_is_local(description: str) -> bool:
     return is_loopback(host.replace("\\", ""))
 
 
-class ShutdownService(Service):
+class ListenFailed(Exception):
     """
-    At shutdown: drain the sessions (L{SessionTable.drain}), then close the
-    long-lived client connections (oned's pool, SSH).
+    An endpoint could not listen: start-up stops with one line naming it and
+    the reason, and exit status 1.
 
-    The listening ports stop at the same time (their services stop beside
-    this one), so nothing new arrives.  While draining, a second SIGTERM or
-    SIGINT closes the sessions at once.
+    Twisted's L{StreamServerEndpointService} logs such a failure and carries
+    on, leaving a server that listens nowhere.  Raised from
+    C{privilegedStartService}, this passes through twistd's start-up (which
+    removes its pid file and tells a daemon's parent) to the interpreter,
+    whose hook (L{_one_line_hook}) prints the line without a traceback.
+    """
+
+    def __init__(self, description: str, error: BaseException) -> None:
+        if isinstance(error, CannotListenError) and isinstance(error.socketError, OSError):
+            reason = error.socketError.strerror or str(error.socketError)
+        elif isinstance(error, OSError):
+            reason = error.strerror or str(error)
+        else:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        super().__init__(f"consoleproxy: cannot listen on {description}: {reason}")
+
+
+def _one_line_hook(previous: Any) -> Any:
+    """An interpreter exception hook printing L{ListenFailed} as its one line."""
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if isinstance(value, ListenFailed):
+            stream = sys.__stderr__ or sys.stderr
+            stream.write(f"{value}\n")
+            stream.flush()
+            return
+        previous(kind, value, tb)
+
+    return hook
+
+
+class ShutdownService(MultiService):
+    """
+    The listening ports (its children) and the graceful stop.
+
+    Start: listen on every endpoint, or stop start-up (L{ListenFailed}).
+
+    Stop (SIGTERM): the drain, as a load balancer needs it.  For
+    C{grace} seconds the ports keep listening while C{/readyz} and the token
+    API answer 503 and new sessions are refused (SERVER_BUSY, 1008 "513"),
+    so that probes see the drain and late requests get an answer instead of
+    a refused connection; open sessions keep relaying.  Then the ports
+    close, the remaining sessions close (1001 "523", L{SessionTable.close_all}),
+    and once they are gone the long-lived client connections (oned's pool,
+    SSH) and the audit log close.  A second SIGTERM or SIGINT ends the grace
+    at once.
     """
 
     def __init__(
@@ -501,14 +564,40 @@ class ShutdownService(Service):
         @param announce: called with C{True} when draining starts (metrics).
         @param reopen: called on SIGHUP (the audit log's rotation).
         """
+        super().__init__()
         self.table = table
         self.grace = grace
         self.reactor = reactor
         self.closers = closers
         self.announce = announce
         self.reopen = reopen
+        self._descriptions: dict[Any, str] = {}
+        self._listening = False
+        self._grace_call: Any = None
+        self._grace_over: Deferred[None] | None = None
+
+    def listen(self, description: str, endpoint: Any, factory: Any) -> None:
+        """Serve C{factory} on C{endpoint} (C{description}: its string, for the message)."""
+        service = StreamServerEndpointService(endpoint, factory)
+        self._descriptions[service] = description
+        service.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        """Listen now (before twistd drops privileges); any failure stops start-up."""
+        Service.privilegedStartService(self)
+        self._listening = True
+        for child in self:
+            # Raise a synchronous failure instead of logging it and going on.
+            child._raiseSynchronously = True
+            try:
+                child.privilegedStartService()
+            except Exception as e:
+                sys.excepthook = _one_line_hook(sys.excepthook)
+                raise ListenFailed(self._descriptions.get(child, "an endpoint"), e) from e
 
     def startService(self) -> None:
+        if not self._listening:
+            self.privilegedStartService()
         super().startService()
         # Everything built so far lives as long as the process: keep it out of
         # the collector's way, so that its pauses scale with the sessions only.
@@ -518,21 +607,38 @@ class ShutdownService(Service):
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(reopen))
 
     def stopService(self) -> Any:
-        super().stopService()
+        Service.stopService(self)
         self._second_signal_closes_all()
         if self.announce is not None:
             self.announce(True)
-        drained = self.table.drain(self.grace)
-        return drained.addCallback(
+        drained = self.table.drain(None)
+        self._grace_over = Deferred()
+        self._grace_call = self.reactor.callLater(self.grace, self.end_grace)
+        ports_closed = self._grace_over.addCallback(lambda _: self._stop_listening())
+        return gatherResults([ports_closed, drained], consumeErrors=True).addCallback(
             lambda _: gatherResults([maybeDeferred(close) for close in self.closers])
         )
+
+    def end_grace(self) -> None:
+        """The grace is over (or a second signal came): stop listening, close the sessions."""
+        if self._grace_call is not None and self._grace_call.active():
+            self._grace_call.cancel()
+        self._grace_call = None
+        over, self._grace_over = self._grace_over, None
+        if over is not None:
+            over.callback(None)
+        self.table.close_all()
+
+    def _stop_listening(self) -> Deferred[Any]:
+        self._listening = False
+        return gatherResults([maybeDeferred(child.stopService) for child in list(self)])
 
     def _second_signal_closes_all(self) -> None:
         if not _main_thread():
             return
 
         def again(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self.table.close_all)
+            self.reactor.callFromThread(self.end_grace)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, again)
@@ -544,7 +650,10 @@ def _main_thread() -> bool:
 
 
 def makeService(options: Options) -> IService:
-    """The service tree: one listening service per ``--listen`` endpoint."""
+    """
+    The service tree: the L{ShutdownService}, with one listening service per
+    ``--listen`` endpoint under it (they stop when its drain says so).
+    """
     parts = options.parts
     service = MultiService()
     closers = [parts["tunnels"].pool.close]
@@ -553,17 +662,18 @@ def makeService(options: Options) -> IService:
     audit = parts["audit"]
     if audit is not None:
         closers.append(audit.close)
-    ShutdownService(
+    config = parts["config"]
+    serving = ShutdownService(
         parts["table"],
-        parts["config"].drain_grace,
+        config.drain_grace,
         parts["reactor"],
         *closers,
         announce=parts["metrics"].set_draining,
         reopen=audit.reopen if audit is not None else None,
-    ).setServiceParent(service)
-    for endpoint in parts["endpoints"]:
-        StreamServerEndpointService(endpoint, parts["site"]).setServiceParent(service)
-    config = parts["config"]
+    )
+    serving.setServiceParent(service)
+    for description, endpoint in zip(config.listen, parts["endpoints"], strict=True):
+        serving.listen(description, endpoint, parts["site"])
     if parts["assets"].missing:
         log.warn(
             "The console page's libraries are not installed in {path} ({missing}): run "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -135,21 +136,30 @@ class OptionsTests(SynchronousTestCase):
         )
         self.assertEqual(stat.S_IMODE(os.stat(key_file).st_mode), 0o600)
         service = tap.makeService(options)
-        listeners = [c for c in service if isinstance(c, StreamServerEndpointService)]
+        [serving] = [c for c in service if isinstance(c, tap.ShutdownService)]
+        # The ports live under the drain, which closes them when its grace is over.
+        listeners = [c for c in serving if isinstance(c, StreamServerEndpointService)]
         self.assertEqual(len(listeners), 2)
-        self.assertEqual(len([c for c in service if isinstance(c, tap.ShutdownService)]), 1)
         self.assertFalse(service.running)
 
-    def test_bad_value_is_one_usage_error(self) -> None:
+    def test_bad_value_is_one_line_and_exit_2(self) -> None:
         options = tap.Options()
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
         error = self.assertRaises(
-            usage.UsageError,
+            SystemExit,
             options.parseOptions,
             ["--guacd=udp:1", f"--key-file={self.mktemp()}"],
         )
+        self.assertEqual(error.code, 2)
         self.assertEqual(
-            str(error), "configuration error: guacd.endpoint: use a tcp:, tls: or unix: endpoint"
+            stderr.getvalue(),
+            "consoleproxy: configuration error: guacd.endpoint: use a tcp:, tls: or unix: "
+            "endpoint\n",
         )
+
+    def test_bad_option_type_is_still_a_usage_error(self) -> None:
+        self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["--token-lifetime=soon"])
 
 
 class _Twistd(ProcessProtocol):
