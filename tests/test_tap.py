@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import stat
 import sys
 from typing import Any
@@ -14,12 +13,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.error import ConnectError
-from twisted.internet.protocol import ProcessProtocol
 from twisted.plugin import getPlugins
 from twisted.python import usage
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 
@@ -27,15 +24,8 @@ from consoleproxy import tap
 from consoleproxy.config import Config, ConfigError, example_path, with_backlog
 from tests.helpers.fakeguacd import FakeGuacd
 from tests.helpers.support import basic, get_json, wait, write_inventory
+from tests.helpers.twistd import ROOT, Twistd, free_port, run_twistd
 from tests.helpers.wsclient import connect
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ConfigTests(SynchronousTestCase):
@@ -162,46 +152,11 @@ class OptionsTests(SynchronousTestCase):
         self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["--token-lifetime=soon"])
 
 
-class _Twistd(ProcessProtocol):
-    """A twistd child process: collects output, fires C{ended} with the exit code."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: Deferred[int] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        self.signal = getattr(reason.value, "signal", None)
-        self.ended.callback(reason.value.exitCode)
-
-
 class TwistdTests(TestCase):
     """The plugin as an operator runs it: ``twistd -n consoleproxy``."""
 
-    def twistd(self, *args: str) -> _Twistd:
-        directory = self.mktemp()
-        os.makedirs(directory)
-        code = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
-        process = _Twistd()
-        process.transport = reactor.spawnProcess(
-            process,
-            sys.executable,
-            [sys.executable, "-c", code, "-n", "--pidfile=", "consoleproxy", *args],
-            env={**os.environ, "PYTHONPATH": ROOT},
-            path=directory,
-        )
-
-        def stop() -> Deferred[int]:
-            if not process.ended.called:
-                process.transport.signalProcess("KILL")
-            return process.ended
-
-        self.addCleanup(stop)
-        return process
+    def twistd(self, *args: str) -> Twistd:
+        return run_twistd(self, *args)
 
     @inlineCallbacks
     def test_bad_configuration_stops_startup(self):  # type: ignore[no-untyped-def]
@@ -255,7 +210,7 @@ class TwistdOperationsTests(TestCase):
                 "[relay]\nallow_missing_origin = true\n"
                 f'[operations]\naudit_log = "{self.audit}"\n'
             )
-        self.process = TwistdTests.twistd(self, f"--config={config}")  # type: ignore[arg-type]
+        self.process = run_twistd(self, f"--config={config}")
         for _ in range(150):
             try:
                 code, _, body = yield get_json(self.url("/healthz"))
