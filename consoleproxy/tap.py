@@ -11,6 +11,7 @@ listen ends start-up with one line too (L{ListenFailed}, exit status 1).
 from __future__ import annotations
 
 import gc
+import math
 import os
 import signal
 import sys
@@ -285,6 +286,7 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
             observer=metrics,
             limiter=RateLimiter(reactor, config.api_rate, config.api_burst),
             draining=lambda: table.draining,
+            retry_after=max(1, math.ceil(config.drain_grace)),
         ),
     )
     return {

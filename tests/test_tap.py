@@ -24,7 +24,7 @@ from consoleproxy import tap
 from consoleproxy.config import Config, ConfigError, example_path, with_backlog
 from tests.helpers.fakeguacd import FakeGuacd
 from tests.helpers.support import basic, get_json, wait, write_inventory
-from tests.helpers.twistd import ROOT, Twistd, free_port, run_twistd
+from tests.helpers.twistd import ROOT, Twistd, free_port, run_twistd, serve
 from tests.helpers.wsclient import connect
 
 
@@ -195,30 +195,8 @@ class TwistdOperationsTests(TestCase):
         self.guacd = FakeGuacd(reactor)
         yield self.guacd.start()
         self.addCleanup(self.guacd.stop)
-        self.port = free_port()
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        self.audit = f"{directory}/audit.jsonl"
-        config = f"{directory}/consoleproxy.toml"
-        with open(config, "w") as f:
-            f.write(
-                f'[server]\nlisten = ["tcp:{self.port}:interface=127.0.0.1"]\n'
-                f"drain_grace = {grace}\n"
-                f'[guacd]\nendpoint = "tcp:127.0.0.1:{self.guacd.port}"\n'
-                f'[tokens]\nkey_file = "{directory}/k"\n'
-                f'[inventory]\npath = "{write_inventory(directory)}"\n'
-                "[relay]\nallow_missing_origin = true\n"
-                f'[operations]\naudit_log = "{self.audit}"\n'
-            )
-        self.process = run_twistd(self, f"--config={config}")
-        for _ in range(150):
-            try:
-                code, _, body = yield get_json(self.url("/healthz"))
-                break
-            except ConnectError:
-                self.assertFalse(self.process.ended.called, self.process.output)
-                yield wait(0.1)
-        self.assertEqual((code, body), (200, {"status": "ok"}))
+        served = yield serve(self, self.guacd, grace=grace)
+        self.port, self.process, self.audit = served.port, served.process, served.audit
 
     def url(self, path: str) -> bytes:
         return f"http://127.0.0.1:{self.port}{path}".encode()

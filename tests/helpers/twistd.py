@@ -13,7 +13,7 @@ from twisted.internet.error import ConnectError
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from tests.helpers.support import get_json, wait
+from tests.helpers.support import get_json, wait, write_inventory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -84,3 +84,49 @@ def until_serving(testcase: Any, process: Twistd, port: int):  # type: ignore[no
             testcase.assertFalse(process.ended.called, process.output)
             yield wait(0.1)
     testcase.fail(f"twistd did not serve: {process.output!r}")
+
+
+class Served:
+    """A consoleproxy under twistd, with a fake guacd and its own files (see L{serve})."""
+
+    def __init__(self, process: Twistd, port: int, directory: str, guacd: Any) -> None:
+        self.process = process
+        self.port = port
+        self.directory = directory
+        self.guacd = guacd
+        self.audit = f"{directory}/audit.jsonl"
+
+    def url(self, path: str) -> bytes:
+        """An http:// URL of this server."""
+        return f"http://127.0.0.1:{self.port}{path}".encode()
+
+
+@inlineCallbacks
+def serve(testcase: Any, guacd: Any, *, grace: float = 1.0, directory: str = "", port: int = 0):  # type: ignore[no-untyped-def]
+    """
+    Start consoleproxy under twistd on 127.0.0.1 with C{guacd} (a started
+    fake), the test inventory and an audit log, and wait until it serves.
+
+    @param directory: where its configuration, keys and state live (a new
+        one when empty): give the same one to restart the same server.
+    @return: a Deferred firing with a L{Served}.
+    """
+    if not directory:
+        directory = os.path.abspath(testcase.mktemp())
+        os.makedirs(directory)
+    port = port or free_port()
+    config = f"{directory}/consoleproxy.toml"
+    with open(config, "w") as f:
+        f.write(
+            f'[server]\nlisten = ["tcp:{port}:interface=127.0.0.1"]\n'
+            f"drain_grace = {grace}\n"
+            f'[guacd]\nendpoint = "tcp:127.0.0.1:{guacd.port}"\n'
+            f'[tokens]\nkey_file = "{directory}/k"\n'
+            f'[inventory]\npath = "{write_inventory(directory)}"\n'
+            "[relay]\nallow_missing_origin = true\n"
+            f'[operations]\naudit_log = "{directory}/audit.jsonl"\n'
+        )
+    process = run_twistd(testcase, f"--config={config}")
+    code, body = yield until_serving(testcase, process, port)
+    testcase.assertEqual((code, body), (200, {"status": "ok"}))
+    return Served(process, port, directory, guacd)
