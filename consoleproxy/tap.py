@@ -57,7 +57,7 @@ from consoleproxy.relay.rfb_relay import RfbRelayFactory, RfbRelayResource, RfbS
 from consoleproxy.relay.session_events import SessionEvents
 from consoleproxy.relay.sessions import SessionTable
 from consoleproxy.relay.websocket import RelayPolicy, RelayResource
-from consoleproxy.tokens import KeyFileError, KeyRing, TokenAuthority
+from consoleproxy.tokens import KeyFileError, KeyRing, SpentTokensFile, TokenAuthority
 from consoleproxy.tunnels.routes import TunnelRule, Tunnels, TunnelSettings
 from consoleproxy.tunnels.ssh import SSHPool, SSHSettings, load_private_key
 from consoleproxy.web.api import TokenApi
@@ -208,9 +208,10 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
         keyring = KeyRing.from_file(config.key_file)
     except KeyFileError as e:
         raise ConfigError(Config.key_of("key_file"), str(e)) from e
+    spent = build_spent(config, reactor)
     cloud = build_cloud(config, reactor)
     tunnels = build_tunnels(config, reactor)
-    tokens = TokenAuthority(keyring, reactor, lifetime=config.token_lifetime)
+    tokens = TokenAuthority(keyring, reactor, lifetime=config.token_lifetime, spent=spent)
     clients = ClientAddresses(networks(config.trusted_proxies))
     table = SessionTable(
         reactor, max_total=config.max_sessions, max_per_user=config.max_sessions_per_user
@@ -248,7 +249,7 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
     rfb_tokens = rfb = None
     if config.rfb_enabled:
         rfb_tokens = TokenAuthority(
-            keyring, reactor, lifetime=config.token_lifetime, purpose=RFB_PURPOSE
+            keyring, reactor, lifetime=config.token_lifetime, purpose=RFB_PURPOSE, spent=spent
         )
         rfb = RfbRelayFactory(
             rfb_tokens,
@@ -313,7 +314,24 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
         "assets": assets,
         "cloud": cloud,
         "tunnels": tunnels,
+        "spent": spent,
     }
+
+
+def build_spent(config: Config, reactor: Any) -> SpentTokensFile:
+    """
+    Where opened token ids are remembered, so that single use survives a
+    restart: C{tokens.spent_file} (default: beside the key file).
+
+    @raise ConfigError: when the file or its directory is unusable.
+    """
+    path = config.spent_path()
+    try:
+        return SpentTokensFile(path, reactor)
+    except OSError as e:
+        raise ConfigError(
+            Config.key_of("spent_file"), f"cannot use {path}: {e.strerror or e}"
+        ) from e
 
 
 def build_audit(config: Config, reactor: Any) -> AuditLog | None:
@@ -664,6 +682,7 @@ def makeService(options: Options) -> IService:
     audit = parts["audit"]
     if audit is not None:
         closers.append(audit.close)
+    closers.append(parts["spent"].close)
     config = parts["config"]
     serving = ShutdownService(
         parts["table"],
