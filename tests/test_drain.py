@@ -7,11 +7,23 @@ while open sessions keep relaying; then the port closes and the process exits.
 
 from __future__ import annotations
 
-from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
-from twisted.internet.error import ConnectError
-from twisted.trial.unittest import TestCase
+import errno
+import gc
+import io
+import signal
+import sys
+from typing import Any
 
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.error import CannotListenError, ConnectError
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+
+from consoleproxy import tap
+from consoleproxy.relay.sessions import SessionTable
 from tests.helpers.fakeguacd import FakeGuacd
 from tests.helpers.support import basic, get_json, wait
 from tests.helpers.twistd import serve
@@ -88,3 +100,97 @@ class DrainTests(TestCase):
         self.assertGreater(reactor.seconds() - signalled, 1.5)
         with self.assertRaises(ConnectError):
             yield get_json(served.url("/healthz"))
+
+
+class _Port:
+    def __init__(self) -> None:
+        self.listening = True
+
+    def stopListening(self) -> Deferred[None]:
+        self.listening = False
+        return succeed(None)
+
+
+@implementer(IStreamServerEndpoint)
+class _Endpoint:
+    """Listens at once (a port), or fails as a port in use does."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.port = _Port()
+
+    def listen(self, factory: Any) -> Deferred[_Port]:
+        return fail(self.error) if self.error is not None else succeed(self.port)
+
+
+class _Session:
+    def __init__(self, table: SessionTable) -> None:
+        self.table = table
+        self.closed_while_listening: bool | None = None
+        self.port: _Port | None = None
+
+    def shut_down(self) -> None:
+        assert self.port is not None
+        self.closed_while_listening = self.port.listening
+        self.table.release(self)
+
+
+class ShutdownServiceTests(SynchronousTestCase):
+    """The order of the stop, on a clock: ports through the grace, then sessions, then the rest."""
+
+    def setUp(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.addCleanup(signal.signal, signum, signal.getsignal(signum))
+        self.addCleanup(gc.unfreeze)
+        self.clock = Clock()
+        self.table = SessionTable(self.clock, max_total=10, max_per_user=10)
+        self.closed: list[str] = []
+        self.service = tap.ShutdownService(
+            self.table, 30, self.clock, lambda: self.closed.append("closers")
+        )
+
+    def test_ports_listen_through_the_grace(self) -> None:
+        endpoint = _Endpoint()
+        self.service.listen("tcp:2616", endpoint, object())
+        self.service.privilegedStartService()
+        self.service.startService()
+        session = _Session(self.table)
+        session.port = endpoint.port
+        self.table.reserve(session, "alice")
+        stopped = self.service.stopService()
+        self.clock.advance(29.9)
+        self.assertTrue(endpoint.port.listening)
+        self.assertTrue(self.table.draining)
+        self.assertNoResult(stopped)
+        self.clock.advance(0.1)
+        self.assertFalse(endpoint.port.listening)
+        self.assertIs(session.closed_while_listening, False)  # the port closed first
+        self.clock.advance(0)  # the table fires "drained" on the next turn
+        self.successResultOf(stopped)
+        self.assertEqual(self.closed, ["closers"])
+
+    def test_second_signal_ends_the_grace(self) -> None:
+        endpoint = _Endpoint()
+        self.service.listen("tcp:2616", endpoint, object())
+        self.service.startService()
+        stopped = self.service.stopService()
+        self.assertTrue(endpoint.port.listening)
+        self.service.end_grace()
+        self.assertFalse(endpoint.port.listening)
+        self.successResultOf(stopped)
+
+    def test_listen_failure_is_one_line(self) -> None:
+        self.patch(sys, "excepthook", sys.excepthook)
+        in_use = CannotListenError(
+            "127.0.0.1", 2616, OSError(errno.EADDRINUSE, "Address already in use")
+        )
+        self.service.listen("tcp:2616:interface=127.0.0.1", _Endpoint(in_use), object())
+        error = self.assertRaises(tap.ListenFailed, self.service.privilegedStartService)
+        self.assertEqual(
+            str(error),
+            "consoleproxy: cannot listen on tcp:2616:interface=127.0.0.1: Address already in use",
+        )
+        stderr = io.StringIO()
+        self.patch(sys, "__stderr__", stderr)
+        sys.excepthook(tap.ListenFailed, error, None)
+        self.assertEqual(stderr.getvalue(), f"{error}\n")
