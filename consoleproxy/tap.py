@@ -540,6 +540,15 @@ class ListenFailed(Exception):
         super().__init__(f"consoleproxy: cannot listen on {description}: {reason}")
 
 
+def _stderr_is_discarded() -> bool:
+    """Whether standard error is /dev/null (twistd without -n has daemonized)."""
+    try:
+        err, null = os.fstat(2), os.stat(os.devnull)
+    except OSError:
+        return True
+    return (err.st_dev, err.st_ino) == (null.st_dev, null.st_ino)
+
+
 def _one_line_hook(previous: Any) -> Any:
     """An interpreter exception hook printing L{ListenFailed} as its one line."""
 
@@ -612,8 +621,12 @@ class ShutdownService(MultiService):
             try:
                 child.privilegedStartService()
             except Exception as e:
+                failed = ListenFailed(self._descriptions.get(child, "an endpoint"), e)
+                if _stderr_is_discarded():
+                    # A daemon: its parent prints only 100 bytes; the log has it all.
+                    log.critical("{line}", line=str(failed))
                 sys.excepthook = _one_line_hook(sys.excepthook)
-                raise ListenFailed(self._descriptions.get(child, "an endpoint"), e) from e
+                raise failed from e
 
     def startService(self) -> None:
         if not self._listening:
