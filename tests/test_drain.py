@@ -24,9 +24,8 @@ from zope.interface import implementer
 
 from consoleproxy import tap
 from consoleproxy.relay.sessions import SessionTable
-from tests.helpers.fakeguacd import FakeGuacd
 from tests.helpers.support import basic, get_json, wait
-from tests.helpers.twistd import serve
+from tests.helpers.twistd import fake_guacd, serve
 from tests.helpers.wsclient import connect
 
 GRACE = 4.0
@@ -45,9 +44,7 @@ class DrainTests(TestCase):
 
     @inlineCallbacks
     def test_listening_through_the_grace(self):  # type: ignore[no-untyped-def]
-        guacd = FakeGuacd(reactor)
-        yield guacd.start()
-        self.addCleanup(guacd.stop)
+        guacd = yield fake_guacd(self)
         served = yield serve(self, guacd, grace=GRACE)
         token = yield self.mint(served)
         spare = yield self.mint(served)
@@ -86,9 +83,7 @@ class DrainTests(TestCase):
 
     @inlineCallbacks
     def test_port_closes_after_the_grace_without_sessions(self):  # type: ignore[no-untyped-def]
-        guacd = FakeGuacd(reactor)
-        yield guacd.start()
-        self.addCleanup(guacd.stop)
+        guacd = yield fake_guacd(self)
         served = yield serve(self, guacd, grace=2.0)
         served.process.transport.signalProcess("TERM")
         signalled = reactor.seconds()

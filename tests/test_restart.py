@@ -6,13 +6,11 @@ lifetime, because the spent ids live in a file beside the key file.
 
 from __future__ import annotations
 
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from tests.helpers.fakeguacd import FakeGuacd
 from tests.helpers.support import basic, get_json
-from tests.helpers.twistd import serve
+from tests.helpers.twistd import fake_guacd, serve
 from tests.helpers.wsclient import connect
 
 
@@ -21,9 +19,7 @@ class RestartTests(TestCase):
 
     @inlineCallbacks
     def test_spent_token_stays_spent_after_a_restart(self):  # type: ignore[no-untyped-def]
-        guacd = FakeGuacd(reactor)
-        yield guacd.start()
-        self.addCleanup(guacd.stop)
+        guacd = yield fake_guacd(self)
         first = yield serve(self, guacd, grace=0.2)
         code, _, body = yield get_json(
             first.url("/api/vm/8/guacamole/rdp"), basic("bob", "builder")

@@ -22,9 +22,8 @@ from twisted.web.client import Agent, readBody
 
 from consoleproxy import tap
 from consoleproxy.config import Config, ConfigError, example_path, with_backlog
-from tests.helpers.fakeguacd import FakeGuacd
 from tests.helpers.support import basic, get_json, wait, write_inventory
-from tests.helpers.twistd import ROOT, Twistd, free_port, run_twistd, serve
+from tests.helpers.twistd import ROOT, Twistd, fake_guacd, free_port, run_twistd, serve
 from tests.helpers.wsclient import connect
 
 
@@ -192,9 +191,7 @@ class TwistdOperationsTests(TestCase):
 
     @inlineCallbacks
     def start(self, grace: float):  # type: ignore[no-untyped-def]
-        self.guacd = FakeGuacd(reactor)
-        yield self.guacd.start()
-        self.addCleanup(self.guacd.stop)
+        self.guacd = yield fake_guacd(self)
         served = yield serve(self, self.guacd, grace=grace)
         self.port, self.process, self.audit = served.port, served.process, served.audit
 

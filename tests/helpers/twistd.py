@@ -13,6 +13,7 @@ from twisted.internet.error import ConnectError
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
+from tests.helpers.fakeguacd import FakeGuacd
 from tests.helpers.support import get_json, wait, write_inventory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -130,3 +131,12 @@ def serve(testcase: Any, guacd: Any, *, grace: float = 1.0, directory: str = "",
     code, body = yield until_serving(testcase, process, port)
     testcase.assertEqual((code, body), (200, {"status": "ok"}))
     return Served(process, port, directory, guacd)
+
+
+@inlineCallbacks
+def fake_guacd(testcase: Any):  # type: ignore[no-untyped-def]
+    """A started L{FakeGuacd} on loopback, stopped on cleanup."""
+    guacd = FakeGuacd(reactor)
+    yield guacd.start()
+    testcase.addCleanup(guacd.stop)
+    return guacd
