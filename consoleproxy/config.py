@@ -292,11 +292,11 @@ class Config:
 
     def _check_timezone(self) -> None:
         """guacd gets the zone by name: refuse a name no time zone database knows."""
-        if not zoneinfo.available_timezones():
-            return  # no database on this host: nothing to check against
         try:
             zoneinfo.ZoneInfo(self.timezone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
+            if not zoneinfo.available_timezones():
+                return  # no database on this host: nothing to check against
             raise ConfigError(
                 self.key_of("timezone"),
                 f"unknown time zone {self.timezone!r} (an IANA name, e.g. Europe/Paris or UTC)",
