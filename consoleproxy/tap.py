@@ -140,6 +140,14 @@ class Options(usage.Options):
             "Seconds guacd gets for its handshake [guacd.handshake_timeout], default 15.",
             float,
         ],
+        [
+            "drain-grace",
+            None,
+            None,
+            "Seconds after SIGTERM during which the port keeps listening (503s, new sessions "
+            "refused) and open sessions run on [server.drain_grace], default 30; 0: stop at once.",
+            float,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -166,6 +174,7 @@ class Options(usage.Options):
             ("key-file", "key_file"),
             ("token-lifetime", "token_lifetime"),
             ("handshake-timeout", "handshake_timeout"),
+            ("drain-grace", "drain_grace"),
             ("cloud", "cloud"),
             ("one-xmlrpc", "one_xmlrpc"),
             ("server-admin-auth", "one_server_admin_auth"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import gc
 import io
+import os
 import signal
 import sys
 from typing import Any
@@ -25,7 +26,7 @@ from zope.interface import implementer
 from consoleproxy import tap
 from consoleproxy.relay.sessions import SessionTable
 from tests.helpers.support import basic, get_json, wait
-from tests.helpers.twistd import fake_guacd, serve
+from tests.helpers.twistd import fake_guacd, free_port, run_twistd, serve, until_serving
 from tests.helpers.wsclient import connect
 
 GRACE = 4.0
@@ -95,6 +96,24 @@ class DrainTests(TestCase):
         self.assertGreater(reactor.seconds() - signalled, 1.5)
         with self.assertRaises(ConnectError):
             yield get_json(served.url("/healthz"))
+
+    @inlineCallbacks
+    def test_drain_grace_option_zero_stops_at_once(self):  # type: ignore[no-untyped-def]
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        port = free_port()
+        process = run_twistd(
+            self,
+            f"--listen=tcp:{port}:interface=127.0.0.1",
+            f"--key-file={directory}/k",
+            "--guacd=none",
+            "--drain-grace=0",
+        )
+        yield until_serving(self, process, port)
+        process.transport.signalProcess("TERM")
+        signalled = reactor.seconds()
+        yield process.ended
+        self.assertLess(reactor.seconds() - signalled, 5)
 
 
 class _Port:

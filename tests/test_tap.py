@@ -102,6 +102,7 @@ class OptionsTests(SynchronousTestCase):
             "--key-file",
             "--token-lifetime",
             "--handshake-timeout",
+            "--drain-grace",
         ):
             self.assertIn(option, text)
 
