@@ -549,6 +549,11 @@ class ListenFailed(Exception):
         super().__init__(f"consoleproxy: cannot listen on {description}: {reason}")
 
 
+def _stopped_by_sigint(reactor: Any) -> bool:
+    """Whether the reactor stops because of SIGINT (it notes the signal, as twistd reads it)."""
+    return getattr(reactor, "_exitSignal", None) == signal.SIGINT
+
+
 def _stderr_is_discarded() -> bool:
     """Whether standard error is /dev/null (twistd without -n has daemonized)."""
     try:
@@ -587,6 +592,9 @@ class ShutdownService(MultiService):
     and once they are gone the long-lived client connections (oned's pool,
     SSH) and the audit log close.  A second SIGTERM or SIGINT ends the grace
     at once.
+
+    SIGINT (Ctrl-C: a person at a terminal, not a load balancer or service
+    manager) closes the ports at once; the open sessions still get the grace.
     """
 
     def __init__(
@@ -612,6 +620,7 @@ class ShutdownService(MultiService):
         self._descriptions: dict[Any, str] = {}
         self._listening = False
         self._grace_call: Any = None
+        self._ports_call: Any = None
         self._grace_over: Deferred[None] | None = None
 
     def listen(self, description: str, endpoint: Any, factory: Any) -> None:
@@ -655,21 +664,35 @@ class ShutdownService(MultiService):
             self.announce(True)
         drained = self.table.drain(None)
         self._grace_over = Deferred()
-        self._grace_call = self.reactor.callLater(self.grace, self.end_grace)
         ports_closed = self._grace_over.addCallback(lambda _: self._stop_listening())
-        return gatherResults([ports_closed, drained], consumeErrors=True).addCallback(
+        self._grace_call = self.reactor.callLater(self.grace, self.end_grace)
+        hold = 0.0 if _stopped_by_sigint(self.reactor) else self.grace
+        self._ports_call = self.reactor.callLater(hold, self._release_ports)
+        stopped = gatherResults([ports_closed, drained], consumeErrors=True)
+        stopped.addCallback(lambda _: self._cancel_grace())
+        return stopped.addCallback(
             lambda _: gatherResults([maybeDeferred(close) for close in self.closers])
         )
 
-    def end_grace(self) -> None:
-        """The grace is over (or a second signal came): stop listening, close the sessions."""
+    def _cancel_grace(self) -> None:
+        """Ports closed and no session left: the grace has nothing more to wait for."""
         if self._grace_call is not None and self._grace_call.active():
             self._grace_call.cancel()
         self._grace_call = None
+
+    def end_grace(self) -> None:
+        """The grace is over (or a second signal came): stop listening, close the sessions."""
+        self._cancel_grace()
+        self._release_ports()
+        self.table.close_all()
+
+    def _release_ports(self) -> None:
+        if self._ports_call is not None and self._ports_call.active():
+            self._ports_call.cancel()
+        self._ports_call = None
         over, self._grace_over = self._grace_over, None
         if over is not None:
             over.callback(None)
-        self.table.close_all()
 
     def _stop_listening(self) -> Deferred[Any]:
         self._listening = False

@@ -115,6 +115,16 @@ class DrainTests(TestCase):
         yield process.ended
         self.assertLess(reactor.seconds() - signalled, 5)
 
+    @inlineCallbacks
+    def test_ctrl_c_stops_at_once_without_sessions(self):  # type: ignore[no-untyped-def]
+        guacd = yield fake_guacd(self)
+        served = yield serve(self, guacd, grace=30)
+        served.process.transport.signalProcess("INT")
+        signalled = reactor.seconds()
+        yield served.process.ended
+        self.assertLess(reactor.seconds() - signalled, 5)
+        self.assertNotIn(b"Traceback", served.process.output)
+
 
 class _Port:
     def __init__(self) -> None:
@@ -182,6 +192,7 @@ class ShutdownServiceTests(SynchronousTestCase):
         self.clock.advance(0)  # the table fires "drained" on the next turn
         self.successResultOf(stopped)
         self.assertEqual(self.closed, ["closers"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_second_signal_ends_the_grace(self) -> None:
         endpoint = _Endpoint()
@@ -192,6 +203,27 @@ class ShutdownServiceTests(SynchronousTestCase):
         self.service.end_grace()
         self.assertFalse(endpoint.port.listening)
         self.successResultOf(stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_ctrl_c_closes_the_ports_at_once(self) -> None:
+        """SIGINT is a person at a terminal: the ports go now, the sessions keep the grace."""
+        self.clock._exitSignal = signal.SIGINT  # what the reactor notes on SIGINT
+        endpoint = _Endpoint()
+        self.service.listen("tcp:2616", endpoint, object())
+        self.service.startService()
+        session = _Session(self.table)
+        session.port = endpoint.port
+        self.table.reserve(session, "alice")
+        stopped = self.service.stopService()
+        self.clock.advance(0)
+        self.assertFalse(endpoint.port.listening)
+        self.clock.advance(29)
+        self.assertIsNone(session.closed_while_listening)  # still running
+        self.clock.advance(1)
+        self.clock.advance(0)
+        self.assertIs(session.closed_while_listening, False)
+        self.successResultOf(stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_listen_failure_is_one_line(self) -> None:
         self.patch(sys, "excepthook", sys.excepthook)
