@@ -549,11 +549,6 @@ class ListenFailed(Exception):
         super().__init__(f"consoleproxy: cannot listen on {description}: {reason}")
 
 
-def _stopped_by_sigint(reactor: Any) -> bool:
-    """Whether the reactor stops because of SIGINT (it notes the signal, as twistd reads it)."""
-    return getattr(reactor, "_exitSignal", None) == signal.SIGINT
-
-
 def _stderr_is_discarded() -> bool:
     """Whether standard error is /dev/null (twistd without -n has daemonized)."""
     try:
@@ -622,6 +617,8 @@ class ShutdownService(MultiService):
         self._grace_call: Any = None
         self._ports_call: Any = None
         self._grace_over: Deferred[None] | None = None
+        #: The stop signals received (SIGINT, SIGTERM), even before the stop began.
+        self.received: list[int] = []
 
     def listen(self, description: str, endpoint: Any, factory: Any) -> None:
         """Serve C{factory} on C{endpoint} (C{description}: its string, for the message)."""
@@ -656,6 +653,26 @@ class ShutdownService(MultiService):
         if self.reopen is not None and _main_thread():
             reopen = self.reopen
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(reopen))
+        when_running = getattr(self.reactor, "callWhenRunning", None)
+        if when_running is not None and _main_thread():
+            # After the reactor has set its own handlers, which it does once running.
+            when_running(self._note_stop_signals)
+
+    def _note_stop_signals(self) -> None:
+        """
+        Note SIGINT and SIGTERM, then let the reactor's handlers stop it: two
+        signals that come together (a terminal's Ctrl-C to a process group and
+        a script's kill) count as two even when both precede L{stopService}.
+        """
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(signum)
+
+            def noted(number: int, frame: Any, previous: Any = previous) -> None:
+                self.received.append(number)
+                if callable(previous):
+                    previous(number, frame)
+
+            signal.signal(signum, noted)
 
     def stopService(self) -> Any:
         Service.stopService(self)
@@ -666,8 +683,10 @@ class ShutdownService(MultiService):
         self._grace_over = Deferred()
         ports_closed = self._grace_over.addCallback(lambda _: self._stop_listening())
         self._grace_call = self.reactor.callLater(self.grace, self.end_grace)
-        hold = 0.0 if _stopped_by_sigint(self.reactor) else self.grace
+        hold = 0.0 if signal.SIGINT in self.received else self.grace
         self._ports_call = self.reactor.callLater(hold, self._release_ports)
+        if len(self.received) > 1:
+            self.end_grace()
         stopped = gatherResults([ports_closed, drained], consumeErrors=True)
         stopped.addCallback(lambda _: self._cancel_grace())
         return stopped.addCallback(

@@ -207,7 +207,7 @@ class ShutdownServiceTests(SynchronousTestCase):
 
     def test_ctrl_c_closes_the_ports_at_once(self) -> None:
         """SIGINT is a person at a terminal: the ports go now, the sessions keep the grace."""
-        self.clock._exitSignal = signal.SIGINT  # what the reactor notes on SIGINT
+        self.service.received.append(signal.SIGINT)
         endpoint = _Endpoint()
         self.service.listen("tcp:2616", endpoint, object())
         self.service.startService()
@@ -224,6 +224,21 @@ class ShutdownServiceTests(SynchronousTestCase):
         self.assertIs(session.closed_while_listening, False)
         self.successResultOf(stopped)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_two_signals_before_the_stop_end_it_at_once(self) -> None:
+        """Ctrl-C to a process group and a script's kill: both came before the stop began."""
+        self.service.received += [signal.SIGINT, signal.SIGTERM]
+        endpoint = _Endpoint()
+        self.service.listen("tcp:2616", endpoint, object())
+        self.service.startService()
+        session = _Session(self.table)
+        session.port = endpoint.port
+        self.table.reserve(session, "alice")
+        stopped = self.service.stopService()
+        self.assertFalse(endpoint.port.listening)
+        self.assertIs(session.closed_while_listening, False)
+        self.clock.advance(0)
+        self.successResultOf(stopped)
 
     def test_listen_failure_is_one_line(self) -> None:
         self.patch(sys, "excepthook", sys.excepthook)
