@@ -173,7 +173,8 @@ class ShutdownServiceTests(SynchronousTestCase):
             self.table, 30, self.clock, lambda: self.closed.append("closers")
         )
 
-    def test_ports_listen_through_the_grace(self) -> None:
+    def serving_with_a_session(self) -> tuple[_Endpoint, _Session]:
+        """Start the service (as twistd does) on one port, with one open session."""
         endpoint = _Endpoint()
         self.service.listen("tcp:2616", endpoint, object())
         self.service.privilegedStartService()
@@ -181,6 +182,10 @@ class ShutdownServiceTests(SynchronousTestCase):
         session = _Session(self.table)
         session.port = endpoint.port
         self.table.reserve(session, "alice")
+        return endpoint, session
+
+    def test_ports_listen_through_the_grace(self) -> None:
+        endpoint, session = self.serving_with_a_session()
         stopped = self.service.stopService()
         self.clock.advance(29.9)
         self.assertTrue(endpoint.port.listening)
@@ -208,12 +213,7 @@ class ShutdownServiceTests(SynchronousTestCase):
     def test_ctrl_c_closes_the_ports_at_once(self) -> None:
         """SIGINT is a person at a terminal: the ports go now, the sessions keep the grace."""
         self.service.received.append(signal.SIGINT)
-        endpoint = _Endpoint()
-        self.service.listen("tcp:2616", endpoint, object())
-        self.service.startService()
-        session = _Session(self.table)
-        session.port = endpoint.port
-        self.table.reserve(session, "alice")
+        endpoint, session = self.serving_with_a_session()
         stopped = self.service.stopService()
         self.clock.advance(0)
         self.assertFalse(endpoint.port.listening)
@@ -228,12 +228,7 @@ class ShutdownServiceTests(SynchronousTestCase):
     def test_two_signals_before_the_stop_end_it_at_once(self) -> None:
         """Ctrl-C to a process group and a script's kill: both came before the stop began."""
         self.service.received += [signal.SIGINT, signal.SIGTERM]
-        endpoint = _Endpoint()
-        self.service.listen("tcp:2616", endpoint, object())
-        self.service.startService()
-        session = _Session(self.table)
-        session.port = endpoint.port
-        self.table.reserve(session, "alice")
+        endpoint, session = self.serving_with_a_session()
         stopped = self.service.stopService()
         self.assertFalse(endpoint.port.listening)
         self.assertIs(session.closed_while_listening, False)
