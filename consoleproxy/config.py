@@ -13,7 +13,7 @@ The keys, by section (see ``consoleproxy/examples/consoleproxy.toml``)::
                 max_connections_per_client, max_connections_per_frontend,
                 descriptor_reserve, stall_timeout
     [guacd]     endpoint, handshake_timeout, timezone
-    [tokens]    key_file, lifetime
+    [tokens]    key_file, lifetime, spent_file
     [relay]     max_message_size, allowed_origins, allow_missing_origin,
                 max_sessions, max_sessions_per_user, idle_timeout,
                 session_timeout, ping_interval, upgrade_rate, upgrade_burst
@@ -37,7 +37,9 @@ The keys, by section (see ``consoleproxy/examples/consoleproxy.toml``)::
 
 from __future__ import annotations
 
+import os
 import tomllib
+import zoneinfo
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -101,6 +103,7 @@ class Config:
     timezone: str = field(default_factory=default_timezone, metadata=_key("guacd.timezone"))
     key_file: str = field(default="consoleproxy.keys", metadata=_key("tokens.key_file"))
     token_lifetime: float = field(default=60.0, metadata=_key("tokens.lifetime"))
+    spent_file: str = field(default="", metadata=_key("tokens.spent_file"))
     max_message_size: int = field(default=65536, metadata=_key("relay.max_message_size"))
     allowed_origins: list[str] = field(
         default_factory=lambda: ["http://127.0.0.1:2616", "http://localhost:2616"],
@@ -241,16 +244,23 @@ class Config:
         for name in ("guacd", "timezone", "key_file", "inventory", "one_xmlrpc"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(self.key_of(name), "a non-empty string")
-        for name in ("one_trust_roots", "one_server_admin_auth", "one_loopback_address"):
+        for name in (
+            "one_trust_roots",
+            "one_server_admin_auth",
+            "one_loopback_address",
+            "spent_file",
+        ):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(self.key_of(name), "a string")
+        self._check_timezone()
+        self._check_writable("audit_log", self.audit_log if self.audit_log != "-" else "")
         if self.cloud not in ("inventory", "opennebula"):
             raise ConfigError(self.key_of("cloud"), "one of: inventory, opennebula")
         if not self.one_xmlrpc.startswith(("http://", "https://")):
             raise ConfigError(self.key_of("one_xmlrpc"), "an http:// or https:// URL")
         _number(self, "one_timeout", 0.1, 300)
-        _whole(self, "one_max_concurrent", 1, 1000)
-        _whole(self, "one_zone", 0, 2**31 - 1)
+        _whole(self, "one_max_concurrent", 1, 1000, "concurrent calls")
+        _whole(self, "one_zone", 0, 2**31 - 1, "(a zone id)")
         self._check_tunnels()
         self._check_federation()
         for name in ("one_vnc_states", "one_ssh_states", "one_rdp_states"):
@@ -263,16 +273,16 @@ class Config:
     def _check_hardening(self) -> None:
         _number(self, "request_timeout", 1, 3600)
         _number(self, "password_cache", 0, 86400)
-        _whole(self, "max_header_bytes", 1024, 1048576)
-        _whole(self, "max_body_bytes", 0, 16777216)
+        _whole(self, "max_header_bytes", 1024, 1048576, "bytes")
+        _whole(self, "max_body_bytes", 0, 16777216, "bytes")
         _number(self, "drain_grace", 0, 86400)
-        _whole(self, "max_sessions", 1, 1000000)
-        _whole(self, "max_sessions_per_user", 1, 1000000)
+        _whole(self, "max_sessions", 1, 1000000, "sessions")
+        _whole(self, "max_sessions_per_user", 1, 1000000, "sessions")
         _number(self, "idle_timeout", 0, 30 * 86400)
         _number(self, "session_timeout", 0, 30 * 86400)
         _number(self, "ping_interval", 0, 3600)
-        _number(self, "api_rate", 0.001, 1000000)
-        _whole(self, "api_burst", 1, 1000000)
+        _number(self, "api_rate", 0.001, 1000000, "requests per second")
+        _whole(self, "api_burst", 1, 1000000, "requests")
         _number(self, "ready_timeout", 0.1, 60)
         _whole(self, "max_connections_per_client", 1, 1000000)
         _whole(self, "max_connections_per_frontend", 1, 1000000)
@@ -298,6 +308,43 @@ class Config:
             except ValueError as e:
                 raise ConfigError(self.key_of(name), str(e)) from e
 
+    def _check_timezone(self) -> None:
+        """guacd gets the zone by name: refuse a name no time zone database knows."""
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
+            if not zoneinfo.available_timezones():
+                return  # no database on this host: nothing to check against
+            raise ConfigError(
+                self.key_of("timezone"),
+                f"unknown time zone {self.timezone!r} (an IANA name, e.g. Europe/Paris or UTC)",
+            ) from e
+
+    def _check_writable(self, name: str, path: str) -> None:
+        """
+        A file the server appends to (C{path}, "" for none): its directory
+        must exist and be writable now, not at the first session.
+        """
+        if not path:
+            return
+        target = Path(path).expanduser()
+        directory = target.parent
+        if not directory.is_dir():
+            raise ConfigError(self.key_of(name), f"directory {directory} does not exist")
+        if target.is_dir():
+            raise ConfigError(self.key_of(name), f"{target} is a directory")
+        writable = (
+            os.access(target, os.W_OK)
+            if target.exists()
+            else os.access(directory, os.W_OK | os.X_OK)
+        )
+        if not writable:
+            raise ConfigError(self.key_of(name), f"{target} is not writable")
+
+    def spent_path(self) -> str:
+        """Where spent token ids are kept: C{tokens.spent_file}, else beside the key file."""
+        return self.spent_file or f"{self.key_file}.spent"
+
     def origin_policy(self) -> OriginPolicy:
         """C{relay.allowed_origins} and C{relay.allow_missing_origin} as a policy."""
         return OriginPolicy(self.allowed_origins, allow_missing=self.allow_missing_origin)
@@ -319,8 +366,8 @@ class Config:
             isinstance(k, str) and k for k in self.tunnel_keys
         ):
             raise ConfigError(self.key_of("tunnel_keys"), "a list of private key file paths")
-        _whole(self, "tunnel_ssh_port", 1, 65535)
-        _whole(self, "tunnel_keepalive_count", 1, 100)
+        _whole(self, "tunnel_ssh_port", 1, 65535, "(a TCP port)")
+        _whole(self, "tunnel_keepalive_count", 1, 100, "unanswered keepalives")
         _number(self, "tunnel_accept_timeout", 1, 300)
         _number(self, "tunnel_keepalive_interval", 1, 3600)
         _number(self, "tunnel_idle_grace", 0, 86400)
@@ -421,10 +468,36 @@ class Config:
             return NoGuacd()
         if not self.guacd.startswith(("tcp:", "tls:", "unix:")):
             raise ConfigError(self.key_of("guacd"), "use a tcp:, tls: or unix: endpoint")
+        self._check_trust_roots()
         try:
             return clientFromString(reactor, self.guacd)
         except Exception as e:
             raise ConfigError(self.key_of("guacd"), f"bad endpoint: {_why(e)}") from e
+
+    def _check_trust_roots(self) -> None:
+        """
+        A ``tls:`` endpoint's C{trustRoots} directory, checked by name: Twisted
+        only says "UnlistableError" when it is missing.
+        """
+        if not self.guacd.startswith("tls:"):
+            return
+        for part in self.guacd.split(":")[1:]:
+            if not part.startswith("trustRoots="):
+                continue
+            directory = Path(part[len("trustRoots=") :]).expanduser()
+            if not directory.is_dir():
+                raise ConfigError(
+                    self.key_of("guacd"), f"trustRoots directory {directory} does not exist"
+                )
+            if not os.access(directory, os.R_OK | os.X_OK):
+                raise ConfigError(
+                    self.key_of("guacd"), f"trustRoots directory {directory} is not readable"
+                )
+            if not any(p.suffix.lower() == ".pem" for p in directory.iterdir()):
+                raise ConfigError(
+                    self.key_of("guacd"),
+                    f"trustRoots directory {directory} holds no certificate (*.pem)",
+                )
 
 
 @implementer(IStreamClientEndpoint)
@@ -450,18 +523,25 @@ def with_backlog(description: str) -> str:
     return description
 
 
-def _number(config: Config, name: str, low: float, high: float) -> None:
+def _number(config: Config, name: str, low: float, high: float, unit: str = "seconds") -> None:
+    """Check a number; the message says what it counts (C{unit}), so the fix is obvious."""
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(config.key_of(name), f"a number of seconds, not {value!r}")
+        raise ConfigError(config.key_of(name), f"a number of {unit}, not {value!r}")
     if not low <= value <= high:
-        raise ConfigError(config.key_of(name), f"must be between {low:g} and {high:g} seconds")
+        raise ConfigError(config.key_of(name), f"must be between {low:g} and {high:g} {unit}")
 
 
-def _whole(config: Config, name: str, low: int, high: int) -> None:
+def _whole(config: Config, name: str, low: int, high: int, what: str = "") -> None:
+    """Check a whole number; C{what} says what it counts ("bytes"), or "(a TCP port)"."""
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(config.key_of(name), f"a whole number from {low} to {high}")
+        kind = (
+            f"a whole number of {what}" if what and not what.startswith("(") else "a whole number"
+        )
+        suffix = f" {what}" if what.startswith("(") else ""
+        shown = "" if isinstance(value, int) and not isinstance(value, bool) else f", not {value!r}"
+        raise ConfigError(config.key_of(name), f"{kind} from {low} to {high}{suffix}{shown}")
 
 
 def _why(error: Exception) -> str:

@@ -56,3 +56,24 @@ class ITunnels(Interface):
             C{parameters} guacd gets, or failing with a
             L{consoleproxy.guacamole.status.GuacamoleError} that says what to fix.
         """
+
+
+class ISpentTokens(Interface):
+    """
+    Remembers which console tokens have opened a session, so that each opens
+    one only: in memory (tests), in a file under the state directory (one
+    server, across restarts), or in a store that several servers share.
+    """
+
+    def spend(token_id: bytes, expires: float):  # type: ignore[no-untyped-def]
+        """
+        Record the use of a token, atomically with the check.
+
+        @param token_id: the token's unique id (its 12-byte nonce).
+        @param expires: when the token expires (seconds since the epoch, the
+            clock's): the id need not be remembered after that.
+        @return: C{True} for the first use, C{False} for any later one.  The
+            local stores answer at once; a shared one (Redis ``SET id 1 NX
+            PXAT expires``) would answer with a Deferred firing with the
+            same C{bool}, and its caller then waits for it.
+        """

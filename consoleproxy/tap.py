@@ -3,13 +3,15 @@
 
 Options parse and check everything (configuration, endpoints, key file,
 inventory) in L{Options.postOptions}, so that a bad value ends start-up with
-one message before anything listens.  L{makeService} only wires the checked
-parts together.
+one message (no usage text, exit status 2) before anything listens.
+L{makeService} only wires the checked parts together; an endpoint that cannot
+listen ends start-up with one line too (L{ListenFailed}, exit status 1).
 """
 
 from __future__ import annotations
 
 import gc
+import math
 import os
 import signal
 import sys
@@ -19,7 +21,8 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -56,7 +59,7 @@ from consoleproxy.relay.rfb_relay import RfbRelayFactory, RfbRelayResource, RfbS
 from consoleproxy.relay.session_events import SessionEvents
 from consoleproxy.relay.sessions import SessionTable
 from consoleproxy.relay.websocket import RelayPolicy, RelayResource
-from consoleproxy.tokens import KeyFileError, KeyRing, TokenAuthority
+from consoleproxy.tokens import KeyFileError, KeyRing, SpentTokensFile, TokenAuthority
 from consoleproxy.tunnels.routes import TunnelRule, Tunnels, TunnelSettings
 from consoleproxy.tunnels.ssh import SSHPool, SSHSettings, load_private_key
 from consoleproxy.web.api import TokenApi
@@ -139,6 +142,14 @@ class Options(usage.Options):
             "Seconds guacd gets for its handshake [guacd.handshake_timeout], default 15.",
             float,
         ],
+        [
+            "drain-grace",
+            None,
+            None,
+            "Seconds after SIGTERM during which the port keeps listening (503s, new sessions "
+            "refused) and open sessions run on [server.drain_grace], default 30; 0: stop at once.",
+            float,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -165,6 +176,7 @@ class Options(usage.Options):
             ("key-file", "key_file"),
             ("token-lifetime", "token_lifetime"),
             ("handshake-timeout", "handshake_timeout"),
+            ("drain-grace", "drain_grace"),
             ("cloud", "cloud"),
             ("one-xmlrpc", "one_xmlrpc"),
             ("server-admin-auth", "one_server_admin_auth"),
@@ -174,7 +186,25 @@ class Options(usage.Options):
         try:
             self.parts = build_parts(Config.load(self["config"], overrides), reactor)
         except (ConfigError, KeyFileError, InventoryError) as e:
-            raise usage.UsageError(f"configuration error: {e}") from e
+            message = f"configuration error: {e}"
+            sys.stderr.write(f"consoleproxy: {message}\n")
+            sys.stderr.flush()
+            raise ConfigExit(message) from e
+
+
+class ConfigExit(SystemExit):
+    """
+    A configuration error ends start-up: one line on standard error, exit
+    status 2 (a usage error's).
+
+    twistd answers a L{usage.UsageError} with the whole options text above
+    the message, which buries the one line that matters; a L{SystemExit}
+    passes through twistd untouched, as C{--help}'s does.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
 
 
 def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
@@ -189,9 +219,10 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
         keyring = KeyRing.from_file(config.key_file)
     except KeyFileError as e:
         raise ConfigError(Config.key_of("key_file"), str(e)) from e
+    spent = build_spent(config, reactor)
     cloud = build_cloud(config, reactor)
     tunnels = build_tunnels(config, reactor)
-    tokens = TokenAuthority(keyring, reactor, lifetime=config.token_lifetime)
+    tokens = TokenAuthority(keyring, reactor, lifetime=config.token_lifetime, spent=spent)
     clients = ClientAddresses(networks(config.trusted_proxies))
     table = SessionTable(
         reactor, max_total=config.max_sessions, max_per_user=config.max_sessions_per_user
@@ -230,7 +261,7 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
     rfb_tokens = rfb = None
     if config.rfb_enabled:
         rfb_tokens = TokenAuthority(
-            keyring, reactor, lifetime=config.token_lifetime, purpose=RFB_PURPOSE
+            keyring, reactor, lifetime=config.token_lifetime, purpose=RFB_PURPOSE, spent=spent
         )
         rfb = RfbRelayFactory(
             rfb_tokens,
@@ -268,6 +299,7 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
             observer=metrics,
             limiter=RateLimiter(reactor, config.api_rate, config.api_burst),
             draining=lambda: table.draining,
+            retry_after=max(1, math.ceil(config.drain_grace)),
         ),
     )
     return {
@@ -300,7 +332,24 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
         "assets": assets,
         "cloud": cloud,
         "tunnels": tunnels,
+        "spent": spent,
     }
+
+
+def build_spent(config: Config, reactor: Any) -> SpentTokensFile:
+    """
+    Where opened token ids are remembered, so that single use survives a
+    restart: C{tokens.spent_file} (default: beside the key file).
+
+    @raise ConfigError: when the file or its directory is unusable.
+    """
+    path = config.spent_path()
+    try:
+        return SpentTokensFile(path, reactor)
+    except OSError as e:
+        raise ConfigError(
+            Config.key_of("spent_file"), f"cannot use {path}: {e.strerror or e}"
+        ) from e
 
 
 def build_audit(config: Config, reactor: Any) -> AuditLog | None:
@@ -487,14 +536,69 @@ def endpoint_is_local(description: str) -> bool:
     return is_loopback(host.replace("\\", ""))
 
 
-class ShutdownService(Service):
+class ListenFailed(Exception):
     """
-    At shutdown: drain the sessions (L{SessionTable.drain}), then close the
-    long-lived client connections (oned's pool, SSH).
+    An endpoint could not listen: start-up stops with one line naming it and
+    the reason, and exit status 1.
 
-    The listening ports stop at the same time (their services stop beside
-    this one), so nothing new arrives.  While draining, a second SIGTERM or
-    SIGINT closes the sessions at once.
+    Twisted's L{StreamServerEndpointService} logs such a failure and carries
+    on, leaving a server that listens nowhere.  Raised from
+    C{privilegedStartService}, this passes through twistd's start-up (which
+    removes its pid file and tells a daemon's parent) to the interpreter,
+    whose hook (L{_one_line_hook}) prints the line without a traceback.
+    """
+
+    def __init__(self, description: str, error: BaseException) -> None:
+        if isinstance(error, CannotListenError) and isinstance(error.socketError, OSError):
+            reason = error.socketError.strerror or str(error.socketError)
+        elif isinstance(error, OSError):
+            reason = error.strerror or str(error)
+        else:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        super().__init__(f"consoleproxy: cannot listen on {description}: {reason}")
+
+
+def _stderr_is_discarded() -> bool:
+    """Whether standard error is /dev/null (twistd without -n has daemonized)."""
+    try:
+        err, null = os.fstat(2), os.stat(os.devnull)
+    except OSError:
+        return True
+    return (err.st_dev, err.st_ino) == (null.st_dev, null.st_ino)
+
+
+def _one_line_hook(previous: Any) -> Any:
+    """An interpreter exception hook printing L{ListenFailed} as its one line."""
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if isinstance(value, ListenFailed):
+            stream = sys.__stderr__ or sys.stderr
+            stream.write(f"{value}\n")
+            stream.flush()
+            return
+        previous(kind, value, tb)
+
+    return hook
+
+
+class ShutdownService(MultiService):
+    """
+    The listening ports (its children) and the graceful stop.
+
+    Start: listen on every endpoint, or stop start-up (L{ListenFailed}).
+
+    Stop (SIGTERM): the drain, as a load balancer needs it.  For
+    C{grace} seconds the ports keep listening while C{/readyz} and the token
+    API answer 503 and new sessions are refused (SERVER_BUSY, 1008 "513"),
+    so that probes see the drain and late requests get an answer instead of
+    a refused connection; open sessions keep relaying.  Then the ports
+    close, the remaining sessions close (1001 "523", L{SessionTable.close_all}),
+    and once they are gone the long-lived client connections (oned's pool,
+    SSH) and the audit log close.  A second SIGTERM or SIGINT ends the grace
+    at once.
+
+    SIGINT (Ctrl-C: a person at a terminal, not a load balancer or service
+    manager) closes the ports at once; the open sessions still get the grace.
     """
 
     def __init__(
@@ -510,14 +614,51 @@ class ShutdownService(Service):
         @param announce: called with C{True} when draining starts (metrics).
         @param reopen: called on SIGHUP (the audit log's rotation).
         """
+        super().__init__()
         self.table = table
         self.grace = grace
         self.reactor = reactor
         self.closers = closers
         self.announce = announce
         self.reopen = reopen
+        self._descriptions: dict[Any, str] = {}
+        self._listening = False
+        self._grace_call: Any = None
+        self._ports_call: Any = None
+        self._grace_over: Deferred[None] | None = None
+        #: The stop signals received (SIGINT, SIGTERM), even before the stop began.
+        self.received: list[int] = []
+
+    def listen(self, description: str, endpoint: Any, factory: Any) -> StreamServerEndpointService:
+        """
+        Serve C{factory} on C{endpoint} (C{description}: its string, for the
+        message); the listening service.
+        """
+        service = StreamServerEndpointService(endpoint, factory)
+        self._descriptions[service] = description
+        service.setServiceParent(self)
+        return service
+
+    def privilegedStartService(self) -> None:
+        """Listen now (before twistd drops privileges); any failure stops start-up."""
+        Service.privilegedStartService(self)
+        self._listening = True
+        for child in self:
+            # Raise a synchronous failure instead of logging it and going on.
+            child._raiseSynchronously = True
+            try:
+                child.privilegedStartService()
+            except Exception as e:
+                failed = ListenFailed(self._descriptions.get(child, "an endpoint"), e)
+                if _stderr_is_discarded():
+                    # A daemon: its parent prints only 100 bytes; the log has it all.
+                    log.critical("{line}", line=str(failed))
+                sys.excepthook = _one_line_hook(sys.excepthook)
+                raise failed from e
 
     def startService(self) -> None:
+        if not self._listening:
+            self.privilegedStartService()
         super().startService()
         # Everything built so far lives as long as the process: keep it out of
         # the collector's way, so that its pauses scale with the sessions only.
@@ -525,23 +666,76 @@ class ShutdownService(Service):
         if self.reopen is not None and _main_thread():
             reopen = self.reopen
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(reopen))
+        when_running = getattr(self.reactor, "callWhenRunning", None)
+        if when_running is not None and _main_thread():
+            # After the reactor has set its own handlers, which it does once running.
+            when_running(self._note_stop_signals)
+
+    def _note_stop_signals(self) -> None:
+        """
+        Note SIGINT and SIGTERM, then let the reactor's handlers stop it: two
+        signals that come together (a terminal's Ctrl-C to a process group and
+        a script's kill) count as two even when both precede L{stopService}.
+        """
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(signum)
+
+            def noted(number: int, frame: Any, previous: Any = previous) -> None:
+                self.received.append(number)
+                if callable(previous):
+                    previous(number, frame)
+
+            signal.signal(signum, noted)
 
     def stopService(self) -> Any:
-        super().stopService()
+        Service.stopService(self)
         self._second_signal_closes_all()
         if self.announce is not None:
             self.announce(True)
-        drained = self.table.drain(self.grace)
-        return drained.addCallback(
+        drained = self.table.drain(None)
+        self._grace_over = Deferred()
+        ports_closed = self._grace_over.addCallback(lambda _: self._stop_listening())
+        self._grace_call = self.reactor.callLater(self.grace, self.end_grace)
+        hold = 0.0 if signal.SIGINT in self.received else self.grace
+        self._ports_call = self.reactor.callLater(hold, self._release_ports)
+        if len(self.received) > 1:
+            self.end_grace()
+        stopped = gatherResults([ports_closed, drained], consumeErrors=True)
+        stopped.addCallback(lambda _: self._cancel_grace())
+        return stopped.addCallback(
             lambda _: gatherResults([maybeDeferred(close) for close in self.closers])
         )
+
+    def _cancel_grace(self) -> None:
+        """Ports closed and no session left: the grace has nothing more to wait for."""
+        if self._grace_call is not None and self._grace_call.active():
+            self._grace_call.cancel()
+        self._grace_call = None
+
+    def end_grace(self) -> None:
+        """The grace is over (or a second signal came): stop listening, close the sessions."""
+        self._cancel_grace()
+        self._release_ports()
+        self.table.close_all()
+
+    def _release_ports(self) -> None:
+        if self._ports_call is not None and self._ports_call.active():
+            self._ports_call.cancel()
+        self._ports_call = None
+        over, self._grace_over = self._grace_over, None
+        if over is not None:
+            over.callback(None)
+
+    def _stop_listening(self) -> Deferred[Any]:
+        self._listening = False
+        return gatherResults([maybeDeferred(child.stopService) for child in list(self)])
 
     def _second_signal_closes_all(self) -> None:
         if not _main_thread():
             return
 
         def again(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self.table.close_all)
+            self.reactor.callFromThread(self.end_grace)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, again)
@@ -553,7 +747,10 @@ def _main_thread() -> bool:
 
 
 def makeService(options: Options) -> IService:
-    """The service tree: one listening service per ``--listen`` endpoint."""
+    """
+    The service tree: the L{ShutdownService}, with one listening service per
+    ``--listen`` endpoint under it (they stop when its drain says so).
+    """
     parts = options.parts
     before, soft, hard = raise_descriptor_limit()
     log.info(
@@ -571,19 +768,23 @@ def makeService(options: Options) -> IService:
     audit = parts["audit"]
     if audit is not None:
         closers.append(audit.close)
-    ShutdownService(
+    closers.append(parts["spent"].close)
+    config = parts["config"]
+    serving = ShutdownService(
         parts["table"],
-        parts["config"].drain_grace,
+        config.drain_grace,
         parts["reactor"],
         *closers,
         announce=parts["metrics"].set_draining,
         reopen=audit.reopen if audit is not None else None,
-    ).setServiceParent(service)
-    listening = [StreamServerEndpointService(e, parts["site"]) for e in parts["endpoints"]]
-    for port in listening:
-        port.setServiceParent(service)
+    )
+    serving.setServiceParent(service)
+    listening = [
+        serving.listen(description, endpoint, parts["site"])
+        for description, endpoint in zip(config.listen, parts["endpoints"], strict=True)
+    ]
+    # After the ports, so that it stops first: systemd hears STOPPING=1 as the drain begins.
     SystemdNotifier(parts["reactor"], listening).setServiceParent(service)
-    config = parts["config"]
     if parts["assets"].missing:
         log.warn(
             "The console page's libraries are not installed in {path} ({missing}): run "

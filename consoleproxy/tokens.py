@@ -10,7 +10,8 @@ forever and are identical for identical settings.  Ours are:
   - bound: they name the user, the VM, the console type, the zone and the
     guacd settings, so a token for one console never opens another;
   - short-lived (60 s by default) and single use: the relay remembers the
-    ids it has opened until they expire;
+    ids it has opened until they expire (L{ISpentTokens}), across restarts
+    too (L{SpentTokensFile});
   - rotatable: a key file holds several keys; the first seals, all open.
 
 Layout, URL-safe base64 without padding::
@@ -28,6 +29,7 @@ import binascii
 import hashlib
 import heapq
 import json
+import math
 import os
 import stat
 from dataclasses import dataclass
@@ -38,8 +40,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
 
 from consoleproxy.consoles import Console, Identity
+from consoleproxy.interfaces import ISpentTokens
 
 TOKEN_VERSION = 1
 KEY_BYTES = 32
@@ -196,6 +201,8 @@ class TokenAuthority:
     @param clock: the time source (a reactor, or a L{twisted.internet.task.Clock}).
     @param lifetime: seconds a new token is valid.
     @param purpose: binds tokens to a use (C{"guacamole"}, C{"rfb"}).
+    @param spent: where opened token ids are remembered (may be shared by
+        several authorities: ids are random); default: in memory.
     """
 
     def __init__(
@@ -204,6 +211,7 @@ class TokenAuthority:
         clock: IReactorTime,
         lifetime: float = 60.0,
         purpose: str = "guacamole",
+        spent: ISpentTokens | None = None,
     ) -> None:
         self._clock = clock
         self.lifetime = lifetime
@@ -211,9 +219,7 @@ class TokenAuthority:
         self._purpose = purpose
         self._aeads: dict[tuple[bytes, str | None], AESGCM] = {}
         self._keys = {_key_id(k): k for k in reversed(keyring.keys)}
-        # Ids of opened tokens, kept until they expire: (expiry, id) in a heap.
-        self._spent: set[bytes] = set()
-        self._spent_by_expiry: list[tuple[float, bytes]] = []
+        self._spent = spent if spent is not None else SpentTokens(clock)
 
     def _aead(self, key_id: bytes, zone: str | None) -> AESGCM | None:
         """The cipher for a key (by id) and a zone, derived once."""
@@ -276,26 +282,165 @@ class TokenAuthority:
         claims = _parse_claims(plaintext, nonce)
         if claims.console.zone != zone:  # the key binds it already; be certain
             raise TokenError("wrong-zone")
-        now = self._clock.seconds()
-        self._forget_expired(now)
-        if claims.expires <= now:
+        if claims.expires <= self._clock.seconds():
             raise TokenError("expired")
-        if nonce in self._spent:
+        if not self._spent.spend(nonce, claims.expires):
             raise TokenError("replayed")
-        self._spent.add(nonce)
-        heapq.heappush(self._spent_by_expiry, (claims.expires, nonce))
         return claims
 
     @property
     def spent(self) -> int:
         """How many opened, unexpired token ids are remembered."""
-        return len(self._spent)
+        return len(self._spent)  # type: ignore[arg-type]
+
+
+@implementer(ISpentTokens)
+class SpentTokens:
+    """
+    Spent token ids in memory, each until its token expires: at most the
+    tokens opened within one token lifetime.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._ids: set[bytes] = set()
+        self._by_expiry: list[tuple[float, bytes]] = []
+
+    def __len__(self) -> int:
+        """How many unexpired ids are remembered."""
+        self._forget_expired(self._clock.seconds())
+        return len(self._ids)
+
+    def spend(self, token_id: bytes, expires: float) -> bool:
+        """See L{ISpentTokens.spend}."""
+        self._forget_expired(self._clock.seconds())
+        if token_id in self._ids:
+            return False
+        self._remember(token_id, expires)
+        return True
+
+    def _remember(self, token_id: bytes, expires: float) -> None:
+        self._ids.add(token_id)
+        heapq.heappush(self._by_expiry, (expires, token_id))
 
     def _forget_expired(self, now: float) -> None:
-        heap = self._spent_by_expiry
+        heap = self._by_expiry
         while heap and heap[0][0] <= now:
             _, token_id = heapq.heappop(heap)
-            self._spent.discard(token_id)
+            self._ids.discard(token_id)
+
+    def live(self) -> list[tuple[float, bytes]]:
+        """The remembered (expiry, id) pairs, oldest first."""
+        self._forget_expired(self._clock.seconds())
+        return sorted(self._by_expiry)
+
+
+#: A spent-token file is rewritten (with only unexpired ids) once it holds
+#: this many lines and twice as many as are unexpired.
+COMPACT_AT = 4096
+
+
+class SpentTokensFile(SpentTokens):
+    """
+    Spent token ids in memory and in an append-only file, so that a token
+    opened before a restart stays spent after it.
+
+    Each first use appends one line, ``<expiry> <id>`` (about 30 bytes), with
+    one C{write} on an C{O_APPEND} descriptor before the session opens: in
+    the kernel then, it survives the process (a crash, a restart).  No
+    C{fsync}: a host that loses power is down for longer than a token lives.
+    At start the file is read, expired and torn lines are dropped and the
+    rest rewritten; it is rewritten the same way whenever it holds more than
+    L{COMPACT_AT} lines and twice the unexpired ones, so its size follows
+    the tokens opened within one lifetime.  A failed write is logged once and
+    the id is still refused in memory: a full disk never stops consoles.
+
+    One process per file: several servers share a store instead (issue 14).
+
+    @raise OSError: when the file or its directory is unusable (at start).
+    """
+
+    _log = Logger()
+
+    def __init__(self, path: str | os.PathLike[str], clock: IReactorTime) -> None:
+        super().__init__(clock)
+        self.path = Path(path)
+        self._fd = -1
+        self._lines = 0
+        self._write_failed = False
+        now = clock.seconds()
+        try:
+            text = self.path.read_text("ascii", errors="replace")
+        except FileNotFoundError:
+            text = ""
+        for line in text.splitlines():
+            entry = _parse_spent_line(line)
+            if entry is not None and entry[0] > now and entry[1] not in self._ids:
+                self._remember(entry[1], entry[0])
+        self._compact()
+
+    def spend(self, token_id: bytes, expires: float) -> bool:
+        """See L{ISpentTokens.spend}: the id is on disk before this returns C{True}."""
+        if not super().spend(token_id, expires):
+            return False
+        line = f"{expires:.3f} {_b64encode(token_id)}\n".encode("ascii")
+        try:
+            os.write(self._fd, line)
+            self._lines += 1
+        except OSError as e:
+            if not self._write_failed:
+                self._write_failed = True
+                self._log.error(
+                    "Cannot record spent tokens in {path} ({why}): a restart would forget "
+                    "the tokens opened until the file is writable again",
+                    path=str(self.path),
+                    why=e.strerror,
+                )
+            return True
+        self._write_failed = False
+        if self._lines >= COMPACT_AT and self._lines >= 2 * len(self._ids):
+            try:
+                self._compact()
+            except OSError as e:
+                self._log.error("Cannot compact {path}: {why}", path=str(self.path), why=e.strerror)
+        return True
+
+    def _compact(self) -> None:
+        """Rewrite the file with the unexpired ids only, atomically, and append there."""
+        live = self.live()
+        content = "".join(f"{expires:.3f} {_b64encode(i)}\n" for expires, i in live)
+        temporary = self.path.with_name(self.path.name + ".new")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.encode("ascii"))
+        os.replace(temporary, self.path)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._lines = len(live)
+
+    def close(self) -> None:
+        """Stop writing (at shutdown)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _b64encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _parse_spent_line(line: str) -> tuple[float, bytes] | None:
+    """One line of a spent-token file; C{None} for a torn or foreign one."""
+    expires, _, encoded = line.partition(" ")
+    try:
+        when = float(expires)
+        token_id = _b64decode(encoded)
+    except (ValueError, binascii.Error):
+        return None
+    if len(token_id) != _NONCE_BYTES or not math.isfinite(when):
+        return None
+    return when, token_id
 
 
 def _parse_claims(plaintext: bytes, token_id: bytes) -> Claims:

@@ -191,6 +191,7 @@ class ServeTests(TestCase):
                 sys.executable, "-m", "consoleproxy", "serve", *extra,
                 "--listen", f"tcp:{port}:interface=127.0.0.1",
                 "--key-file", os.path.join(directory, "keys"), "--guacd", "none",
+                "--drain-grace=0",
             ],
             cwd="/",
             env=env or ENV,

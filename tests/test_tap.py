@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import socket
 import stat
 import sys
 from typing import Any
@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.error import ConnectError
 from twisted.plugin import getPlugins
 from twisted.python import usage
@@ -22,18 +22,9 @@ from twisted.web.client import Agent, readBody
 
 from consoleproxy import tap
 from consoleproxy.config import Config, ConfigError, example_path, with_backlog
-from tests.helpers.fakeguacd import FakeGuacd
 from tests.helpers.support import basic, get_json, wait, write_inventory
-from tests.helpers.twistd import TwistdProcess as _Twistd
+from tests.helpers.twistd import ROOT, Twistd, fake_guacd, free_port, run_twistd, serve
 from tests.helpers.wsclient import connect
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ConfigTests(SynchronousTestCase):
@@ -132,6 +123,7 @@ class OptionsTests(SynchronousTestCase):
             "--key-file",
             "--token-lifetime",
             "--handshake-timeout",
+            "--drain-grace",
         ):
             self.assertIn(option, text)
 
@@ -155,46 +147,37 @@ class OptionsTests(SynchronousTestCase):
         )
         self.assertEqual(stat.S_IMODE(os.stat(key_file).st_mode), 0o600)
         service = tap.makeService(options)
-        listeners = [c for c in service if isinstance(c, StreamServerEndpointService)]
+        [serving] = [c for c in service if isinstance(c, tap.ShutdownService)]
+        # The ports live under the drain, which closes them when its grace is over.
+        listeners = [c for c in serving if isinstance(c, StreamServerEndpointService)]
         self.assertEqual(len(listeners), 2)
-        self.assertEqual(len([c for c in service if isinstance(c, tap.ShutdownService)]), 1)
         self.assertFalse(service.running)
 
-    def test_bad_value_is_one_usage_error(self) -> None:
+    def test_bad_value_is_one_line_and_exit_2(self) -> None:
         options = tap.Options()
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
         error = self.assertRaises(
-            usage.UsageError,
+            SystemExit,
             options.parseOptions,
             ["--guacd=udp:1", f"--key-file={self.mktemp()}"],
         )
+        self.assertEqual(error.code, 2)
         self.assertEqual(
-            str(error), "configuration error: guacd.endpoint: use a tcp:, tls: or unix: endpoint"
+            stderr.getvalue(),
+            "consoleproxy: configuration error: guacd.endpoint: use a tcp:, tls: or unix: "
+            "endpoint\n",
         )
+
+    def test_bad_option_type_is_still_a_usage_error(self) -> None:
+        self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["--token-lifetime=soon"])
 
 
 class TwistdTests(TestCase):
     """The plugin as an operator runs it: ``twistd -n consoleproxy``."""
 
-    def twistd(self, *args: str) -> _Twistd:
-        directory = self.mktemp()
-        os.makedirs(directory)
-        code = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
-        process = _Twistd()
-        process.transport = reactor.spawnProcess(
-            process,
-            sys.executable,
-            [sys.executable, "-c", code, "-n", "--pidfile=", "consoleproxy", *args],
-            env={**os.environ, "PYTHONPATH": ROOT},
-            path=directory,
-        )
-
-        def stop() -> Deferred[int]:
-            if not process.ended.called:
-                process.transport.signalProcess("KILL")
-            return process.ended
-
-        self.addCleanup(stop)
-        return process
+    def twistd(self, *args: str) -> Twistd:
+        return run_twistd(self, *args)
 
     @inlineCallbacks
     def test_bad_configuration_stops_startup(self):  # type: ignore[no-untyped-def]
@@ -230,33 +213,9 @@ class TwistdOperationsTests(TestCase):
 
     @inlineCallbacks
     def start(self, grace: float):  # type: ignore[no-untyped-def]
-        self.guacd = FakeGuacd(reactor)
-        yield self.guacd.start()
-        self.addCleanup(self.guacd.stop)
-        self.port = free_port()
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        self.audit = f"{directory}/audit.jsonl"
-        config = f"{directory}/consoleproxy.toml"
-        with open(config, "w") as f:
-            f.write(
-                f'[server]\nlisten = ["tcp:{self.port}:interface=127.0.0.1"]\n'
-                f"drain_grace = {grace}\n"
-                f'[guacd]\nendpoint = "tcp:127.0.0.1:{self.guacd.port}"\n'
-                f'[tokens]\nkey_file = "{directory}/k"\n'
-                f'[inventory]\npath = "{write_inventory(directory)}"\n'
-                "[relay]\nallow_missing_origin = true\n"
-                f'[operations]\naudit_log = "{self.audit}"\n'
-            )
-        self.process = TwistdTests.twistd(self, f"--config={config}")  # type: ignore[arg-type]
-        for _ in range(150):
-            try:
-                code, _, body = yield get_json(self.url("/healthz"))
-                break
-            except ConnectError:
-                self.assertFalse(self.process.ended.called, self.process.output)
-                yield wait(0.1)
-        self.assertEqual((code, body), (200, {"status": "ok"}))
+        self.guacd = yield fake_guacd(self)
+        served = yield serve(self, self.guacd, grace=grace)
+        self.port, self.process, self.audit = served.port, served.process, served.audit
 
     def url(self, path: str) -> bytes:
         return f"http://127.0.0.1:{self.port}{path}".encode()

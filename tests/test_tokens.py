@@ -5,17 +5,21 @@ from __future__ import annotations
 import base64
 import os
 import stat
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
+from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from consoleproxy.consoles import Console, Identity
 from consoleproxy.tokens import (
+    COMPACT_AT,
     MAX_TOKEN_LENGTH,
     KeyFileError,
     KeyRing,
+    SpentTokensFile,
     TokenAuthority,
     TokenError,
 )
@@ -120,7 +124,8 @@ class TokenTests(SynchronousTestCase):
         for _ in range(100):
             self.authority.open(self.authority.seal(ALICE, CONSOLE))
             self.clock.advance(1)
-        self.assertEqual(self.authority.spent, 60)
+        # At 100 s, the tokens opened at 41..99 s are unexpired: one lifetime's worth.
+        self.assertEqual(self.authority.spent, 59)
 
     def test_foreign_key_refused(self) -> None:
         stranger = TokenAuthority(KeyRing([os.urandom(32)]), self.clock)
@@ -239,3 +244,98 @@ class KeyFileTests(SynchronousTestCase):
         self.write(line + "\n", 0o640)
         error = self.assertRaises(KeyFileError, KeyRing.from_file, self.path)
         self.assertNotIn(line, str(error))
+
+
+class SpentTokensFileTests(SynchronousTestCase):
+    """Single use across restarts: the spent ids in a file under the state directory."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.ring = KeyRing([os.urandom(32)])
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.path = os.path.join(directory, "token.keys.spent")
+
+    def authority(self) -> tuple[TokenAuthority, SpentTokensFile]:
+        """A fresh process's authority: nothing in memory, the same file."""
+        spent = SpentTokensFile(self.path, self.clock)
+        self.addCleanup(spent.close)
+        return TokenAuthority(self.ring, self.clock, lifetime=60, spent=spent), spent
+
+    def lines(self) -> list[str]:
+        with open(self.path) as f:
+            return f.read().splitlines()
+
+    def test_spent_before_a_restart_stays_spent(self) -> None:
+        before, _ = self.authority()
+        token = before.seal(ALICE, CONSOLE)
+        unused = before.seal(ALICE, CONSOLE)
+        before.open(token)
+        after, _ = self.authority()
+        error = self.assertRaises(TokenError, after.open, token)
+        self.assertEqual(error.reason, "replayed")
+        self.assertEqual(after.open(unused).user, "alice")
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+
+    def test_file_holds_ids_and_expiries_only(self) -> None:
+        authority, _ = self.authority()
+        token = authority.seal(ALICE, CONSOLE)
+        authority.open(token)
+        [line] = self.lines()
+        expires, token_id = line.split(" ")
+        self.assertEqual(float(expires), self.clock.seconds() + 60)
+        self.assertEqual(base64.urlsafe_b64decode(token_id + "=="), bytes(_raw(token)[5:17]))
+        self.assertNotIn("s3cret", line)
+
+    def test_expired_ids_are_pruned_at_start(self) -> None:
+        authority, _ = self.authority()
+        for _ in range(10):
+            authority.open(authority.seal(ALICE, CONSOLE))
+        self.clock.advance(30)
+        authority.open(authority.seal(ALICE, CONSOLE))
+        self.assertEqual(len(self.lines()), 11)
+        self.clock.advance(40)  # the first ten have expired
+        _, spent = self.authority()
+        self.assertEqual((len(spent), len(self.lines())), (1, 1))
+
+    def test_torn_and_foreign_lines_are_dropped(self) -> None:
+        authority, _ = self.authority()
+        token = authority.seal(ALICE, CONSOLE)
+        authority.open(token)
+        with open(self.path, "a") as f:
+            f.write("garbage\n1e999 AAAAAAAAAAAAAAAA\nnan AAAAAAAAAAAAAAAA\n1900000000.0 AAAA")
+        after, spent = self.authority()
+        self.assertEqual(len(spent), 1)
+        self.assertEqual(self.assertRaises(TokenError, after.open, token).reason, "replayed")
+
+    def test_file_stays_bounded(self) -> None:
+        """Compaction keeps the file near one lifetime's worth of ids."""
+        authority, spent = self.authority()
+        for _ in range(3 * COMPACT_AT):
+            authority.open(authority.seal(ALICE, CONSOLE))
+            self.clock.advance(0.01)
+        # 60 s of ids at 100 per second: 6000 live, never more than the
+        # larger of COMPACT_AT and twice the live ones in the file.
+        self.assertEqual(len(spent), 6000)
+        self.assertLessEqual(len(self.lines()), max(COMPACT_AT, 2 * 6000))
+        self.clock.advance(120)
+        for _ in range(COMPACT_AT):
+            authority.open(authority.seal(ALICE, CONSOLE))
+        self.assertLessEqual(len(self.lines()), COMPACT_AT)
+
+    def test_write_failure_still_refuses_in_memory(self) -> None:
+        authority, spent = self.authority()
+        os.close(spent._fd)
+        spent._fd = os.open(os.devnull, os.O_RDONLY)  # every write fails (EBADF)
+        events: list[dict[str, Any]] = []
+        self.patch(SpentTokensFile, "_log", Logger(observer=events.append))
+        token = authority.seal(ALICE, CONSOLE)
+        authority.open(token)
+        authority.open(authority.seal(ALICE, CONSOLE))
+        self.assertEqual(self.assertRaises(TokenError, authority.open, token).reason, "replayed")
+        self.assertEqual(len(events), 1)  # once, not per session
+        self.assertIn("Cannot record spent tokens", events[0]["log_format"])
+
+    def test_unusable_directory_is_refused_at_start(self) -> None:
+        self.assertRaises(OSError, SpentTokensFile, "/nonexistent/dir/spent", self.clock)

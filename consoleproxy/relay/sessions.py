@@ -12,7 +12,9 @@ gone, whatever happened.
     ones run on for a grace period, then each is closed with WebSocket code
     1001 ("going away") and SESSION_CLOSED (523) as the reason; L{drain}'s
     Deferred fires once the table is empty.  L{close_all} (a second signal)
-    closes them at once.
+    closes them at once.  The grace may be kept by the caller instead
+    (C{drain(None)}), who then calls L{close_all}: the server does, so that
+    its ports close before the sessions do.
 """
 
 from __future__ import annotations
@@ -92,9 +94,10 @@ class SessionTable:
             # e.g. the audit log, have yet to hear of it).
             self.clock.callLater(0, self._fire_drained)
 
-    def drain(self, grace: float) -> Deferred[None]:
+    def drain(self, grace: float | None) -> Deferred[None]:
         """
-        Refuse new sessions; close the open ones after C{grace} seconds.
+        Refuse new sessions; close the open ones after C{grace} seconds
+        (C{None}: when the caller calls L{close_all}).
 
         @return: fires when no session is left.
         """
@@ -103,13 +106,15 @@ class SessionTable:
             return succeed(None)
         done: Deferred[None] = Deferred()
         self._drained.append(done)
-        if self._grace is None:
+        if self._grace is None and grace is not None:
             self._log.info(
                 "Draining: {count} sessions may run for {grace:g} s more",
                 count=len(self._users),
                 grace=grace,
             )
             self._grace = self.clock.callLater(grace, self.close_all)
+        elif grace is None:
+            self._log.info("Draining: {count} sessions open", count=len(self._users))
         return done
 
     def close_all(self) -> None:

@@ -60,6 +60,9 @@ class Operations:
     @ivar observer: told of API answers and rate limiting (the metrics).
     @ivar limiter: the per-client rate limit of password checks.
     @ivar draining: whether the server is shutting down.
+    @ivar retry_after: the token API's C{Retry-After} while draining: seconds
+        until the port closes (C{server.drain_grace}), when a load balancer
+        has sent the retry elsewhere.
     """
 
     metrics: Resource | None = None
@@ -68,6 +71,7 @@ class Operations:
     observer: Any = None
     limiter: RateLimiter | None = None
     draining: Callable[[], bool] = lambda: False
+    retry_after: int = 30
 
 
 class ConsoleProxyWeb:
@@ -107,7 +111,7 @@ class ConsoleProxyWeb:
         if observer is not None:
             request.notifyFinish().addBoth(lambda _: observer.api_request("token", request.code))
         if self.operations.draining():
-            request.setHeader(b"Retry-After", b"30")
+            request.setHeader(b"Retry-After", str(self.operations.retry_after).encode())
             return json_body(request, 503, "Service Unavailable", "the server is shutting down")
         return self._limited(request, "token") or self.api.mint(request, vm_id, console_type)
 

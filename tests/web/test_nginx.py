@@ -33,7 +33,7 @@ from tests.helpers.fakeguacd import FakeGuacd
 from tests.helpers.realservers import free_port
 from tests.helpers.support import basic, wait
 from tests.helpers.testca import make_tls_files
-from tests.helpers.twistd import TwistdProcess, base_environment, start_twistd, wait_until_serving
+from tests.helpers.twistd import Twistd, base_environment, start_twistd, wait_until_serving
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join(ROOT, "examples", "nginx.conf")
@@ -159,7 +159,7 @@ class NginxFrontendTests(TestCase):
             nginx, ["-t", "-e", "stderr", "-p", self.directory, "-c", main], env={}
         )
         self.assertEqual(code, 0, (out + err).decode())
-        self.nginx = TwistdProcess()
+        self.nginx = Twistd()
         reactor.spawnProcess(
             self.nginx, nginx, [nginx, "-e", "stderr", "-p", self.directory, "-c", main], env={}
         )
