@@ -397,6 +397,15 @@ class GuacamoleRelayFactory(RelayFactory):
             policy=policy,
         )
         self.settings = settings
-        self.local_zone = zone_key(local_zone)
+        self.local_zone = local_zone
         self.zones = zones
         self.federation = federation
+
+    @property
+    def local_zone(self) -> str:
+        """This proxy's zone id, in its one form (``00`` is ``0``)."""
+        return self._local_zone
+
+    @local_zone.setter
+    def local_zone(self, zone: str | int) -> None:
+        self._local_zone = zone_key(zone)
