@@ -20,7 +20,8 @@ from consoleproxy.clouds.opennebula.oned import (
     ServerAdminStatus,
 )
 from consoleproxy.config import Config
-from consoleproxy.ops.health import ReadinessResource, server_admin_check
+from consoleproxy.guacamole.status import GuacamoleError
+from consoleproxy.ops.health import Advisory, ReadinessResource, server_admin_check
 from consoleproxy.tokens import TokenError
 from tests.helpers.fakeguacd import FakeGuacd
 from tests.helpers.fakeoned import FakeOned
@@ -460,3 +461,13 @@ class ServerAdminRefusedTests(OpenNebulaTestCase):
     def test_zone_pool_refusal_is_seen(self):  # type: ignore[no-untyped-def]
         yield self.assertFailure(self.cloud.zone_pool(), ServerAdminRefused)
         self.assertIn("opennebula.server_admin_auth", self.cloud.admin_status.problem)
+
+    @inlineCallbacks
+    def test_wired_into_readyz_and_the_zone_directory(self):  # type: ignore[no-untyped-def]
+        config = Config.load(overrides={"cloud": "opennebula", "one_xmlrpc": self.oned.url})
+        checks = tap.readiness_checks(config, None, self.cloud)
+        self.assertIsInstance(checks[SERVER_ADMIN_KEY], Advisory)
+        directory = tap.build_zones(config, self.cloud, reactor)
+        yield self.assertFailure(directory.lookup("1"), GuacamoleError)  # nothing known
+        self.assertIn("couldn't be authenticated", self.cloud.admin_status.problem)
+        self.assertEqual(len(self.errors_logged()), 1)
