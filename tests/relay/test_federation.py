@@ -15,6 +15,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks, succeed
 from twisted.internet.ssl import Certificate
 from twisted.internet.task import Clock
+from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -520,6 +521,8 @@ class ZoneDirectoryBoundTests(SynchronousTestCase):
             return fetches[-1]
 
         directory = ZoneDirectory(clock, {}, fetch, refresh=60, retry=5)
+        warnings: list[dict[str, Any]] = []
+        directory.log = Logger(observer=warnings.append)
         waiting = [directory.lookup("1") for _ in range(100)]
         self.assertEqual(len(fetches), 1)
         fetches[0].callback(self.pool(range(2)))
@@ -536,4 +539,10 @@ class ZoneDirectoryBoundTests(SynchronousTestCase):
         clock.advance(5)
         directory.lookup("1")
         self.assertEqual(len(fetches), 3)
+        fetches[2].errback(RuntimeError("oned down"))
         self.assertEqual(len(self.flushLoggedErrors()), 0)
+        self.assertEqual(len(warnings), 1)  # once a minute, not once per failed fetch
+        clock.advance(55)
+        directory.lookup("1")
+        fetches[3].errback(RuntimeError("oned down"))
+        self.assertEqual(len(warnings), 2)

@@ -38,6 +38,9 @@ DEFAULT_PORT = 2616
 #: rest of a larger pool is ignored, with a warning.
 MAX_ZONES = 1024
 
+#: Seconds between two warnings that the zone pool could not be fetched.
+WARN_INTERVAL = 60.0
+
 
 @dataclass(frozen=True)
 class Zone:
@@ -129,6 +132,7 @@ class ZoneDirectory:
         self._asked_at: float | None = None  # the last fetch's start
         self._ok = False  # whether that fetch succeeded (or still runs)
         self._fetching: list[Deferred[None]] | None = None
+        self._warned_at: float | None = None
 
     @property
     def cached(self) -> int:
@@ -169,10 +173,12 @@ class ZoneDirectory:
 
         def failed(failure: Any) -> None:
             self._ok = False
-            self.log.warn(
-                "Zone pool not refreshed ({why}); using what is known",
-                why=failure.getErrorMessage(),
-            )
+            if self._warned_at is None or now - self._warned_at >= WARN_INTERVAL:
+                self._warned_at = now
+                self.log.warn(
+                    "Zone pool not refreshed ({why}); using what is known",
+                    why=failure.getErrorMessage(),
+                )
 
         def done(_: None) -> None:
             waiting, self._fetching = self._fetching or [], None
