@@ -314,9 +314,15 @@ class ConfigurationTests(TestCase):
         self.assertEqual(zone.url, "wss://zone1.example.com/fireedge/guacamole")
         yield self.assertFailure(relay.zones.lookup("2"), GuacamoleError)
 
+    def test_zone_ids_normalised(self) -> None:
+        config = Config.load(self.write('[zones.007]\nurl = "ws://h/g"\n'))
+        self.assertEqual(config.zone_urls(), {"7": "ws://h/g"})
+
     def test_bad_values_name_the_key(self) -> None:
         for text, key in (
             ('[zones.x]\nurl = "ws://h/g"\n', "zones.x"),
+            ('[zones.2147483648]\nurl = "ws://h/g"\n', "zones.2147483648"),
+            ('[zones.1]\nurl = "ws://h/g"\n[zones.01]\nurl = "ws://i/g"\n', "zones.01"),
             ('[zones.1]\nurl = "http://h/g"\n', "zones.1.url"),
             ('[zones.1]\nhost = "h"\n', "zones.1"),
             ('[federation]\norigin = "zone0"\n', "federation.origin"),
