@@ -52,6 +52,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndp
 from zope.interface import implementer
 
 from consoleproxy.clouds.opennebula.console_settings import RUNNING_ONLY, VNC_LCM_STATES
+from consoleproxy.consoles import ZoneIdError, zone_key
 from consoleproxy.guacamole.guacd import default_timezone
 from consoleproxy.net.clients import networks
 from consoleproxy.relay.origins import OriginPolicy
@@ -411,10 +412,16 @@ class Config:
         _number(self, "zone_refresh", 1, 86400)
         if not isinstance(self.zones, dict):
             raise ConfigError("zones", "tables [zones.<id>]")
+        seen: set[str] = set()
         for zone_id, table in self.zones.items():
             key = f"zones.{zone_id}"
-            if not str(zone_id).isdigit():
-                raise ConfigError(key, "a zone id is a whole number")
+            try:
+                number = zone_key(str(zone_id))
+            except ZoneIdError as e:
+                raise ConfigError(key, e.message) from e
+            if number in seen:
+                raise ConfigError(key, f"zone {number} is configured twice")
+            seen.add(number)
             if not isinstance(table, dict) or set(table) - {"url"}:
                 raise ConfigError(key, "a table with url")
             url = table.get("url", "")
@@ -422,8 +429,8 @@ class Config:
                 raise ConfigError(f"{key}.url", "a ws:// or wss:// URL of that zone's relay")
 
     def zone_urls(self) -> dict[str, str]:
-        """Configured relay URLs by zone id."""
-        return {str(k): v["url"] for k, v in self.zones.items() if "url" in v}
+        """Configured relay URLs by zone id (``01`` is ``1``)."""
+        return {zone_key(str(k)): v["url"] for k, v in self.zones.items() if "url" in v}
 
     def port_range(self) -> tuple[int, int] | None:
         """C{tunnels.port_range} ("20000-20999") as a pair, or None."""

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from consoleproxy.errors import BadRequest
 from consoleproxy.guacamole.status import GuacamoleError, Status
 
 #: Console types of the token API, and the guacd protocol each selects.
@@ -22,11 +23,57 @@ CONSOLE_TYPES = ("vnc", "ssh", "rdp")
 #: Query parameters of the WebSocket that may adjust an SSH console.
 SSH_DISPLAY_PARAMETERS = ("color-scheme", "font-name", "font-size")
 
+#: The largest zone id: oned's ids are C ints (and XML-RPC's ``<int>`` is 32 bits).
+MAX_ZONE_ID = 2**31 - 1
+_ZONE_ID = re.compile(r"[0-9]{1,10}", re.ASCII)
 _NUMBER = re.compile(r"([0-9]{1,6})(?:\.[0-9]{1,6})?", re.ASCII)
 _MAX_DIMENSION = 16384
 _MAX_DPI = 1200
 _MAX_FONT_SIZE = 512
 _MAX_TEXT = 256
+
+
+class ZoneIdError(BadRequest, ValueError):
+    """
+    A zone id that is not a decimal number from 0 to L{MAX_ZONE_ID} (400).
+
+    A L{BadRequest} so the token API answers 400; a C{ValueError} so a token
+    whose zone claim does not parse is a malformed token.
+    """
+
+
+def zone_id(value: str | int) -> int:
+    """
+    A zone id from a query value, a claim or the configuration.
+
+    The one parser of zone ids, so that every part compares the same number
+    (``00`` is zone 0 everywhere, not a zone of its own): ASCII digits only
+    (no sign, space, underscore or other scripts' digits), at most ten of
+    them, at most L{MAX_ZONE_ID}.
+
+    @raise ZoneIdError: for anything else (its message shows at most a short,
+        ASCII-escaped prefix of the value).
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and _ZONE_ID.fullmatch(value):
+        number = int(value)
+    else:
+        shown = ascii(value[:16]) if isinstance(value, str) else type(value).__name__
+        raise ZoneIdError(f"a zone id is a whole number from 0 to {MAX_ZONE_ID}, not {shown}")
+    if not 0 <= number <= MAX_ZONE_ID:
+        raise ZoneIdError(f"a zone id is a whole number from 0 to {MAX_ZONE_ID}, not {number}")
+    return number
+
+
+def zone_key(value: str | int) -> str:
+    """
+    A zone id in its one text form (L{zone_id}, then decimal): how tokens,
+    relays and the zone directory name and compare zones.
+
+    @raise ZoneIdError: as L{zone_id}.
+    """
+    return str(zone_id(value))
 
 
 @dataclass(frozen=True)
@@ -52,7 +99,8 @@ class Console:
     @ivar console_type: C{"vnc"}, C{"ssh"} or C{"rdp"}; also guacd's protocol.
     @ivar parameters: guacd connection parameters (``hostname``, ``port``,
         ``password``, ...) by guacd argument name.
-    @ivar zone: the zone the console lives in, C{None} for the local one.
+    @ivar zone: the zone the console lives in, C{None} for the local one;
+        always in L{zone_key}'s form (``00`` becomes ``0``).
     @ivar cluster: the hypervisor's cluster, when the cloud knows it (tunnel
         policy).
     """
@@ -64,6 +112,8 @@ class Console:
     cluster: str | None = None
 
     def __post_init__(self) -> None:
+        if self.zone is not None:
+            object.__setattr__(self, "zone", zone_key(self.zone))
         if self.console_type not in CONSOLE_TYPES:
             raise ValueError(f"unknown console type {self.console_type!r}")
         for key, value in self.parameters.items():

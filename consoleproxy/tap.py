@@ -29,7 +29,7 @@ from twisted.python import usage
 from consoleproxy.clouds.inventory import InventoryCloud, InventoryError
 from consoleproxy.clouds.opennebula.cloud import OpenNebulaCloud, is_loopback
 from consoleproxy.clouds.opennebula.console_settings import StatePolicy
-from consoleproxy.clouds.opennebula.oned import Oned, ServerAdmin
+from consoleproxy.clouds.opennebula.oned import SERVER_ADMIN_KEY, Oned, ServerAdmin
 from consoleproxy.clouds.opennebula.xmlrpc import XmlRpcClient, load_trust_roots
 from consoleproxy.clouds.opennebula.zones import ZoneDirectory
 from consoleproxy.clouds.passwords import PasswordVerifier
@@ -46,6 +46,7 @@ from consoleproxy.ops.health import (
     guacd_check,
     inventory_check,
     oned_check,
+    server_admin_check,
 )
 from consoleproxy.ops.metrics import Metrics, MetricsResource
 from consoleproxy.ops.systemd import SystemdNotifier
@@ -368,6 +369,8 @@ def readiness_checks(config: Config, guacd: Any, cloud: Any) -> dict[str, Check]
         checks["cloud"] = inventory_check(cloud)
     else:
         checks["cloud"] = oned_check(cloud.oned)
+        if cloud.server_admin is not None:
+            checks[SERVER_ADMIN_KEY] = server_admin_check(cloud)
     return checks
 
 
@@ -429,12 +432,8 @@ def build_zones(config: Config, cloud: Any, reactor: Any) -> ZoneDirectory:
     Other zones: the configured relay URLs, and oned's zone pool when the
     OpenNebula backend has the server-admin credential to read it.
     """
-    fetch_pool = None
-    if isinstance(cloud, OpenNebulaCloud) and cloud.server_admin is not None:
-        admin = cloud.server_admin
-
-        def fetch_pool() -> Any:
-            return cloud.oned.zonepool_info(admin.session(admin.user, reactor.seconds()))
+    reads_pool = isinstance(cloud, OpenNebulaCloud) and cloud.server_admin is not None
+    fetch_pool = cloud.zone_pool if reads_pool else None
 
     return ZoneDirectory(reactor, config.zone_urls(), fetch_pool, refresh=config.zone_refresh)
 

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import stat
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from consoleproxy.consoles import Console, Identity
+from consoleproxy.consoles import Console, Identity, zone_key
 from consoleproxy.interfaces import ISpentTokens
 
 TOKEN_VERSION = 1
@@ -54,6 +55,9 @@ _HEADER_BYTES = 1 + _KEY_ID_BYTES + _NONCE_BYTES
 _TAG_BYTES = 16
 #: Longer tokens are refused before any decoding (an SSH key fits easily).
 MAX_TOKEN_LENGTH = 16384
+#: Ciphers kept per authority (one per key and zone): a browser names the
+#: zone, so without a bound each distinct zone would stay in memory.
+MAX_CIPHERS = 64
 
 
 class TokenError(Exception):
@@ -217,19 +221,29 @@ class TokenAuthority:
         self.lifetime = lifetime
         self._keyring = keyring
         self._purpose = purpose
-        self._aeads: dict[tuple[bytes, str | None], AESGCM] = {}
+        # Least recently used first; at most MAX_CIPHERS (deriving again is cheap).
+        self._aeads: OrderedDict[tuple[bytes, str | None], AESGCM] = OrderedDict()
         self._keys = {_key_id(k): k for k in reversed(keyring.keys)}
         self._spent = spent if spent is not None else SpentTokens(clock)
 
     def _aead(self, key_id: bytes, zone: str | None) -> AESGCM | None:
-        """The cipher for a key (by id) and a zone, derived once."""
+        """The cipher for a key (by id) and a zone, derived once while it is in use."""
         found = self._aeads.get((key_id, zone))
-        if found is None:
-            key = self._keys.get(key_id)
-            if key is None:
-                return None
-            found = self._aeads[(key_id, zone)] = AESGCM(_purpose_key(key, self._purpose, zone))
+        if found is not None:
+            self._aeads.move_to_end((key_id, zone))
+            return found
+        key = self._keys.get(key_id)
+        if key is None:
+            return None
+        found = self._aeads[(key_id, zone)] = AESGCM(_purpose_key(key, self._purpose, zone))
+        while len(self._aeads) > MAX_CIPHERS:
+            self._aeads.popitem(last=False)
         return found
+
+    @property
+    def ciphers(self) -> int:
+        """How many derived ciphers are kept (at most L{MAX_CIPHERS})."""
+        return len(self._aeads)
 
     def seal(self, identity: Identity, console: Console) -> str:
         """Mint a token for this user and console (bound to the console's zone)."""
@@ -256,10 +270,14 @@ class TokenAuthority:
         Open a token and spend it.
 
         @param zone: the zone the token must be for: C{None} for tokens of this
-            zone's own consoles, else the id of the zone being served.
+            zone's own consoles, else the id of the zone being served (``00``
+            is zone 0).
         @raise TokenError: for any token that is not one this authority sealed
             for C{zone}, unmodified, unexpired and never opened before.
+        @raise consoleproxy.consoles.ZoneIdError: C{zone} is no zone id.
         """
+        if zone is not None:
+            zone = zone_key(zone)
         if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_LENGTH:
             raise TokenError("malformed")
         try:

@@ -9,20 +9,25 @@ Deferred) concurrently, each with a deadline on the injected clock (a check
 still running then is cancelled), and answers 200
 ``{"status": "ready", "checks": {"guacd": "ok", ...}}`` when all succeeded,
 else 503 ``{"status": "not ready", "checks": {"guacd": "<short error>", ...}}``;
+an L{Advisory} check is shown but does not decide: when only such checks fail
+the answer is 200 ``{"status": "degraded", ...}`` (a server whose SSH and RDP
+consoles fail still serves VNC; a load balancer must not take it out);
 503 ``{"status": "draining"}`` while the server drains, without running any.
 One run's result is shared by the probes that arrive while it runs and cached
 for a second after it, so probes cannot multiply the load on guacd or oned.
 
 The check builders: L{guacd_check} (a TCP connection to guacd, TLS handshake
 included for a ``tls:`` endpoint, then closed), L{oned_check}
-(``one.system.version``), L{inventory_check} (the inventory file is the one in
-use).
+(``one.system.version``), L{server_admin_check} (oned accepts
+``opennebula.server_admin_auth``, advisory), L{inventory_check} (the inventory
+file is the one in use).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, TimeoutError, gatherResults, maybeDeferred, succeed
@@ -40,6 +45,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from consoleproxy.clouds.inventory import InventoryCloud
+from consoleproxy.clouds.opennebula.cloud import OpenNebulaCloud
 from consoleproxy.clouds.opennebula.oned import Oned
 from consoleproxy.errors import Unauthenticated
 from consoleproxy.net.factories import quiet_factory
@@ -50,6 +56,17 @@ Check = Callable[[], Deferred[Any]]
 
 #: Longest error text a check reports.
 MAX_ERROR = 160
+
+
+@dataclass(frozen=True)
+class Advisory:
+    """A check that ``/readyz`` reports but that does not decide readiness."""
+
+    check: Check
+
+    def __call__(self) -> Deferred[Any]:
+        """Run the check."""
+        return self.check()
 
 
 def _answer(request: Request, status: int, body: Mapping[str, Any]) -> bytes:
@@ -122,7 +139,10 @@ class ReadinessResource(_ProbeResource):
         self.cache = cache
         self._result: tuple[float, dict[str, str]] | None = None
         self._waiting: list[Deferred[dict[str, str]]] | None = None
-        self._ready: bool | None = None
+        self._state: str | None = None
+        self._advisory = {
+            name for name, check in self.checks.items() if isinstance(check, Advisory)
+        }
 
     def results(self) -> Deferred[dict[str, str]]:
         """Fire with each check's outcome (``ok`` or its error), running them if needed."""
@@ -148,24 +168,32 @@ class ReadinessResource(_ProbeResource):
     def _late(self, result: Any, timeout: float) -> Failure:
         return Failure(TimeoutError(f"no answer within {timeout:g} s"))
 
+    def _state_of(self, outcomes: dict[str, str]) -> str:
+        """``ready``, ``degraded`` (only advisory checks fail) or ``not ready``."""
+        failing = {name for name, outcome in outcomes.items() if outcome != "ok"}
+        if not failing:
+            return "ready"
+        return "degraded" if failing <= self._advisory else "not ready"
+
     def _done(self, outcomes: dict[str, str]) -> None:
         self._result = (self.clock.seconds(), outcomes)
-        ready = all(outcome == "ok" for outcome in outcomes.values())
-        if ready != self._ready:
-            self._ready = ready
-            if ready:
+        state = self._state_of(outcomes)
+        if state != self._state:
+            self._state = state
+            if state == "ready":
                 self.log.info("Ready")
             else:
                 failing = {name: why for name, why in outcomes.items() if why != "ok"}
-                self.log.warn("Not ready: {failing}", failing=failing)
+                self.log.warn("{state}: {failing}", state=state.capitalize(), failing=failing)
         waiting, self._waiting = self._waiting or [], None
         for d in waiting:
             d.callback(dict(outcomes))
 
     def _body(self, request: Request, outcomes: dict[str, str]) -> bytes:
-        if all(outcome == "ok" for outcome in outcomes.values()):
-            return _answer(request, 200, {"status": "ready", "checks": outcomes})
-        return _answer(request, 503, {"status": "not ready", "checks": outcomes})
+        state = self._state_of(outcomes)
+        return _answer(
+            request, 503 if state == "not ready" else 200, {"status": state, "checks": outcomes}
+        )
 
     def answer(self, request: Request) -> Any:
         """Answer now when the result is known, else when the checks are done."""
@@ -248,6 +276,24 @@ def oned_check(oned: Oned, session: Callable[[], str] | None = None) -> Check:
         return asking.addErrback(lambda failure: failure.trap(Unauthenticated))
 
     return check
+
+
+def server_admin_check(cloud: OpenNebulaCloud) -> Advisory:
+    """
+    An advisory check that oned accepts the server-admin credential
+    (``opennebula.server_admin_auth``): SSH and RDP consoles need it, VNC
+    does not.  Failing, it says why (oned's refusal); a later success
+    clears it, as any successful call with the credential does.
+    """
+
+    def check() -> Deferred[Any]:
+        def why(failure: Failure) -> Failure:
+            problem = cloud.admin_status.problem
+            return Failure(RuntimeError(problem)) if problem is not None else failure
+
+        return cloud.check_server_admin().addErrback(why)
+
+    return Advisory(check)
 
 
 def inventory_check(cloud: InventoryCloud) -> Check:

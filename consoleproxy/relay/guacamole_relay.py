@@ -26,6 +26,7 @@ Life of a session (Apache's Java tunnel is the model):
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
 from consoleproxy.clouds.opennebula.zones import Zone, ZoneDirectory
-from consoleproxy.consoles import Display
+from consoleproxy.consoles import Display, ZoneIdError, zone_key
 from consoleproxy.guacamole.guacd import GuacdProtocol, HandshakeRequest, connect_guacd
 from consoleproxy.guacamole.instructions import (
     INTERNAL_OPCODE,
@@ -108,7 +109,7 @@ class GuacamoleRelayProtocol(RelaySession):
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "subprotocol 'guacamole' required")
         try:
             self._admit(request)
-            zone = query_value(request.params, "zone")
+            zone = _zone(request.params)
             token = token_value(request.params)
             if zone is not None and zone != self.factory.local_zone:
                 return self._via_zone(request, zone, token)
@@ -358,6 +359,15 @@ class GuacamoleRelayProtocol(RelaySession):
         self._finish(wasClean, code, "Console", upstream)
 
 
+def _zone(query: Mapping[str, list[str]]) -> str | None:
+    """``?zone=``: a zone id in its one form (``00`` is ``0``), or CLIENT_BAD_REQUEST."""
+    text = query_value(query, "zone")
+    try:
+        return None if text is None else zone_key(text)
+    except ZoneIdError as e:
+        raise GuacamoleError(Status.CLIENT_BAD_REQUEST, e.message) from e
+
+
 class GuacamoleRelayFactory(RelayFactory):
     """Builds Guacamole relay sessions; holds what they share."""
 
@@ -390,3 +400,12 @@ class GuacamoleRelayFactory(RelayFactory):
         self.local_zone = local_zone
         self.zones = zones
         self.federation = federation
+
+    @property
+    def local_zone(self) -> str:
+        """This proxy's zone id, in its one form (``00`` is ``0``)."""
+        return self._local_zone
+
+    @local_zone.setter
+    def local_zone(self, zone: str | int) -> None:
+        self._local_zone = zone_key(zone)

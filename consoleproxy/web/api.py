@@ -17,7 +17,7 @@ from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from consoleproxy.consoles import CONSOLE_TYPES, Console, Identity
+from consoleproxy.consoles import CONSOLE_TYPES, Console, Identity, zone_key
 from consoleproxy.errors import ApiError, BadRequest, NotFound, Unauthenticated
 from consoleproxy.interfaces import IAuthenticator, ICloud
 from consoleproxy.net.logsafe import log_safe
@@ -114,12 +114,10 @@ def _mode(request: Request) -> str:
 
 
 def _zone(request: Request) -> str | None:
+    """``?zone=``: a zone id in its one form (``00`` is ``0``), or 400."""
     values = request.args.get(b"zone")
     if not values:
         return None
     if len(values) > 1:
         raise BadRequest("zone given more than once")
-    zone = values[0].decode("utf-8", "replace")
-    if not (zone.isascii() and zone.isdigit() and len(zone) <= 10):
-        raise BadRequest("a zone id is a whole number")
-    return zone
+    return zone_key(values[0].decode("utf-8", "replace"))

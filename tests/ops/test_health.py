@@ -22,6 +22,7 @@ from consoleproxy.clouds.inventory import InventoryCloud
 from consoleproxy.clouds.opennebula.oned import Oned
 from consoleproxy.clouds.opennebula.xmlrpc import XmlRpcClient
 from consoleproxy.ops.health import (
+    Advisory,
     HealthResource,
     ReadinessResource,
     guacd_check,
@@ -121,6 +122,20 @@ class ReadinessTests(SynchronousTestCase):
         guacd = body["checks"]["guacd"]
         self.assertTrue(guacd.startswith("Connection was refused by other side: 111: Connection"))
         self.assertLessEqual(len(guacd), 160)
+
+    def test_advisory_check_degrades_without_503(self) -> None:
+        """
+        An advisory check (the server-admin credential) is shown, and only a
+        gating one makes the server not ready: VNC consoles still work.
+        """
+        refused = _Counting(RuntimeError("oned refused opennebula.server_admin_auth: ..."))
+        checks = {"cloud": _Counting(), "opennebula.server_admin_auth": Advisory(refused)}
+        status, body = answer(get(self.resource(checks)))
+        self.assertEqual((status, body["status"]), (200, "degraded"))
+        self.assertIn("oned refused", body["checks"]["opennebula.server_admin_auth"])
+        checks["cloud"] = _Counting(ConnectionError("oned down"))
+        status, body = answer(get(self.resource(checks)))
+        self.assertEqual((status, body["status"]), (503, "not ready"))
 
     def test_raising_check(self) -> None:
         """A check that raises instead of failing its Deferred is a failed check."""

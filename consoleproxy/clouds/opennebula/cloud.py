@@ -7,7 +7,9 @@ applies its own authentication and ACLs; consoleproxy keeps no user list.
 Attributes oned encrypts (``CONTEXT/PASSWORD``, the user's
 ``SSH_PRIVATE_KEY``) are read, after the user's own call has succeeded, with
 the optional server-admin credential (``sunstone_auth``) in oned's
-server_cipher session form.
+server_cipher session form.  oned refusing that credential is the server's
+problem, not the user's: a 503 naming ``opennebula.server_admin_auth``
+(L{ServerAdminStatus} logs it and ``/readyz`` shows it), never a 401.
 
 Consoles of VMs in another zone (``?zone=N``) are looked up in that zone's
 oned, found through the local zone pool, and sealed for that zone.
@@ -33,8 +35,9 @@ from consoleproxy.clouds.opennebula.console_settings import (
     ssh_parameters,
     vnc_parameters,
 )
-from consoleproxy.clouds.opennebula.oned import Oned, ServerAdmin
-from consoleproxy.consoles import Console, Identity
+from consoleproxy.clouds.opennebula.oned import Oned, ServerAdmin, ServerAdminStatus
+from consoleproxy.clouds.opennebula.zones import MAX_ZONES
+from consoleproxy.consoles import Console, Identity, zone_id, zone_key
 from consoleproxy.errors import BadRequest, Conflict, NotFound, Unauthenticated
 from consoleproxy.interfaces import IAuthenticator, ICloud
 
@@ -81,10 +84,12 @@ class OpenNebulaCloud:
     ) -> None:
         self.oned = oned
         self._oned_for = oned_for
-        self._zones: dict[str, Oned] = {}  # by XML-RPC endpoint
+        self._zones: dict[str, Oned] = {}  # by XML-RPC endpoint, at most MAX_ZONES
         self._clock = clock
-        self.local_zone = local_zone
+        self.local_zone = zone_key(local_zone)
         self.server_admin = server_admin
+        #: What the last call with the server-admin credential found.
+        self.admin_status = ServerAdminStatus(clock)
         self.policy = policy or StatePolicy()
         self.loopback_address = loopback_address
         self.guacd_is_local = guacd_is_local
@@ -123,6 +128,7 @@ class OpenNebulaCloud:
         """Ask oned (the zone's, if another) for the VM and build guacd's settings."""
         assert identity.secret is not None
         session = identity.secret
+        zone = None if zone is None else zone_key(zone)
         remote = zone is not None and zone != self.local_zone
         oned = (yield self._zone_oned(session, zone)) if remote else self.oned
         vm: Element = yield oned.vm_info(session, vm_id)
@@ -155,14 +161,30 @@ class OpenNebulaCloud:
         user = (yield oned.user_info(session, -1)) if wants_key else None
         if self.server_admin is None:
             return Secrets(), user
-        admin = self.server_admin.session(self.server_admin.user, self._clock.seconds())
-        calls = [oned.vm_info(admin, vm_id, True)]
+        admin = self._admin_session()
+        watch = self.admin_status.watch
+        calls = [watch(oned.vm_info(admin, vm_id, True))]
         if user is not None:
-            calls.append(oned.user_info(admin, int(user.findtext("ID") or -1), True))
+            calls.append(watch(oned.user_info(admin, int(user.findtext("ID") or -1), True)))
         documents = yield gatherResults(calls, consumeErrors=True).addErrback(
             lambda failure: failure.value.subFailure
         )
         return Secrets(vm=documents[0], user=documents[1] if len(documents) > 1 else None), user
+
+    def _admin_session(self) -> str:
+        assert self.server_admin is not None
+        return self.server_admin.session(self.server_admin.user, self._clock.seconds())
+
+    def zone_pool(self) -> Deferred[Element]:
+        """The local zone pool, read with the server-admin credential (the zone directory's)."""
+        return self.admin_status.watch(self.oned.zonepool_info(self._admin_session()))
+
+    def check_server_admin(self) -> Deferred[Any]:
+        """
+        Whether oned accepts the server-admin credential now (``/readyz``):
+        ``one.system.version`` with it, which oned authenticates.
+        """
+        return self.admin_status.watch(self.oned.version(self._admin_session()))
 
     def _zone_oned(self, session: str, zone: str | None) -> Deferred[Oned]:
         """The zone's oned; the zone is looked up every time (state, endpoint)."""
@@ -175,6 +197,8 @@ class OpenNebulaCloud:
             if not endpoint or endpoint == "-":
                 raise Conflict(f"zone {zone} has no ENDPOINT")
             if endpoint not in self._zones:
+                if len(self._zones) >= MAX_ZONES:  # the oldest goes (its idle connections)
+                    self._zones.pop(next(iter(self._zones))).close()
                 self._zones[endpoint] = self._oned_for(endpoint)
             return self._zones[endpoint]
 
@@ -182,7 +206,7 @@ class OpenNebulaCloud:
             failure.trap(NotFound)
             raise NotFound(f"zone {zone} does not exist")
 
-        return self.oned.zone_info(session, int(zone)).addCallbacks(found, missing)
+        return self.oned.zone_info(session, zone_id(zone)).addCallbacks(found, missing)
 
     def _loopback(self, parameters: dict[str, str], vm_id: int) -> None:
         host = parameters.get("hostname", "")

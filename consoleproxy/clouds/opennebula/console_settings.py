@@ -155,7 +155,8 @@ def vnc_parameters(vm: Element) -> dict[str, str]:
 
 
 def _flagged_nic(vm: Element, flag: str) -> Element:
-    for child in vm.find("TEMPLATE") or ():
+    template = vm.find("TEMPLATE")
+    for child in () if template is None else template:
         if child.tag in ("NIC", "NIC_ALIAS") and _text(child, flag).lower() == "yes":
             return child
     raise BadRequest(

@@ -22,6 +22,7 @@ from xml.etree.ElementTree import Element
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from consoleproxy.clouds.opennebula.xmlrpc import (
@@ -49,6 +50,72 @@ _ERRORS: dict[int, type[ApiError]] = {
     AUTHORIZATION: Forbidden,
     NO_EXISTS: NotFound,
 }
+
+
+#: The configuration key of the server-admin credential, named in its errors.
+SERVER_ADMIN_KEY = "opennebula.server_admin_auth"
+
+
+class ServerAdminRefused(CloudUnavailable):
+    """
+    oned refused the server-admin credential (503): the server's own
+    credential failed, not the user's, so no 401 and no Basic challenge (the
+    browser would ask the user for a password that is right).
+    """
+
+
+class ServerAdminStatus:
+    """
+    Whether oned accepts the server-admin credential, as the last call made
+    with it found; a refusal is logged at most once per C{log_interval}, and
+    once more when a call succeeds again.
+
+    @param clock: when refusals were logged.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: Any, log_interval: float = 60.0) -> None:
+        self._clock = clock
+        self.log_interval = log_interval
+        #: Why the last call failed authentication, or None.
+        self.problem: str | None = None
+        self._logged_at: float | None = None
+
+    def watch(self, calling: Deferred[Any]) -> Deferred[Any]:
+        """
+        Follow a call made with the server-admin session: its success clears
+        the problem; oned's AUTHENTICATION error becomes L{ServerAdminRefused}.
+        """
+        return calling.addCallbacks(self._accepted, self._failed)
+
+    def _accepted(self, value: Any) -> Any:
+        if self.problem is not None:
+            self.problem = None
+            self._logged_at = None
+            self.log.info(
+                "oned accepts the server-admin credential ({key}) again", key=SERVER_ADMIN_KEY
+            )
+        return value
+
+    def _failed(self, failure: Failure) -> Failure:
+        if not failure.check(Unauthenticated):
+            return failure
+        self.problem = f"oned refused {SERVER_ADMIN_KEY}: {failure.value.message}"
+        now = self._clock.seconds()
+        if self._logged_at is None or now - self._logged_at >= self.log_interval:
+            self._logged_at = now
+            self.log.error(
+                "{problem} (SSH and RDP consoles fail until that file holds serveradmin's "
+                "password in oned)",
+                problem=self.problem,
+            )
+        return Failure(
+            ServerAdminRefused(
+                f"the console server's OpenNebula credential ({SERVER_ADMIN_KEY}) was "
+                "refused by oned: SSH and RDP consoles need it; tell the administrator"
+            )
+        )
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,16 @@ A zone's relay URL comes from the configuration (``[zones.<id>] url``), else
 from the zone's ``FIREEDGE_ENDPOINT``, else from the host of its XML-RPC
 ``ENDPOINT`` and the default port, as FireEdge derives it.  Zones come from
 oned's zone pool, fetched with the server-admin credential, cached and
-refreshed; when oned cannot be asked, the last answer (or the configuration
-alone) stands in.  Unknown zones are refused before any connection is made,
-disabled ones with a clear message.
+refreshed (one fetch at a time, shared by the lookups waiting for it); when
+oned cannot be asked, the last answer (or the configuration alone) stands in,
+and oned is asked again after L{ZoneDirectory.retry} seconds, not on every
+lookup.  Unknown zones are refused before any connection is made, disabled
+ones with a clear message.
+
+Zone ids come from browsers: they are parsed by L{consoleproxy.consoles.zone_id}
+(``00`` is zone 0, anything but a decimal id up to 2^31-1 is refused), and
+only the zones in oned's pool (at most L{MAX_ZONES}) or the configuration are
+kept; an unknown id is refused from what is kept, leaving nothing behind.
 """
 
 from __future__ import annotations
@@ -18,13 +25,21 @@ from typing import Any
 from urllib.parse import urlsplit
 from xml.etree.ElementTree import Element
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 
+from consoleproxy.consoles import ZoneIdError, zone_key
 from consoleproxy.guacamole.status import GuacamoleError, Status
 
 #: FireEdge's (and our) default port, used with the host of a zone's ENDPOINT.
 DEFAULT_PORT = 2616
+
+#: Zones kept from oned's pool (OpenNebula federations have a handful); the
+#: rest of a larger pool is ignored, with a warning.
+MAX_ZONES = 1024
+
+#: Seconds between two warnings that the zone pool could not be fetched.
+WARN_INTERVAL = 60.0
 
 
 @dataclass(frozen=True)
@@ -63,12 +78,15 @@ def relay_url(fireedge_endpoint: str, endpoint: str, port: int = DEFAULT_PORT) -
     return None
 
 
-def zones_from_pool(pool: Element) -> dict[str, Zone]:
-    """Zones from a ``ZONE_POOL`` document."""
+def zones_from_pool(pool: Element, limit: int = MAX_ZONES) -> dict[str, Zone]:
+    """Zones from a ``ZONE_POOL`` document: at most C{limit}, ids that do not parse skipped."""
     zones = {}
     for zone in pool.findall("ZONE"):
-        zone_id = (zone.findtext("ID") or "").strip()
-        if not zone_id:
+        if len(zones) >= limit:
+            break
+        try:
+            zone_id = zone_key((zone.findtext("ID") or "").strip())
+        except ZoneIdError:
             continue
         zones[zone_id] = Zone(
             id=zone_id,
@@ -90,6 +108,9 @@ class ZoneDirectory:
         win over oned's, and are all there is without oned.
     @param fetch_pool: fetches the zone pool from oned (or None).
     @param refresh: seconds an answer from oned is used before asking again.
+    @param retry: seconds after a failed fetch before oned is asked again
+        (at most C{refresh}).
+    @raise ZoneIdError: a configured zone id is not one.
     """
 
     log = Logger()
@@ -100,40 +121,72 @@ class ZoneDirectory:
         configured: Mapping[str, str],
         fetch_pool: Callable[[], Deferred[Element]] | None = None,
         refresh: float = 60.0,
+        retry: float = 5.0,
     ) -> None:
         self._clock = clock
-        self._configured = dict(configured)
+        self._configured = {zone_key(k): v for k, v in configured.items()}
         self._fetch_pool = fetch_pool
         self._refresh = refresh
+        self.retry = min(retry, refresh)
         self._zones: dict[str, Zone] = {}
-        self._fetched_at: float | None = None
+        self._asked_at: float | None = None  # the last fetch's start
+        self._ok = False  # whether that fetch succeeded (or still runs)
+        self._fetching: list[Deferred[None]] | None = None
+        self._warned_at: float | None = None
 
-    def lookup(self, zone_id: str) -> Deferred[Zone]:
+    @property
+    def cached(self) -> int:
+        """How many zones from oned's pool are kept (at most L{MAX_ZONES})."""
+        return len(self._zones)
+
+    def lookup(self, zone_id: str | int) -> Deferred[Zone]:
         """
         The zone, if it is known, enabled and reachable somehow.
 
-        @raise GuacamoleError: (in the Deferred) RESOURCE_NOT_FOUND for an
-            unknown zone, RESOURCE_CONFLICT for a disabled one,
-            UPSTREAM_NOT_FOUND when no relay URL can be found for it.
+        @raise GuacamoleError: (in the Deferred) CLIENT_BAD_REQUEST for
+            something that is no zone id, RESOURCE_NOT_FOUND for an unknown
+            zone, RESOURCE_CONFLICT for a disabled one, UPSTREAM_NOT_FOUND
+            when no relay URL can be found for it.
         """
+        try:
+            key = zone_key(zone_id)
+        except ZoneIdError as e:
+            return fail(GuacamoleError(Status.CLIENT_BAD_REQUEST, e.message))
+        return self._fresh().addCallback(lambda _: self._answer(key))
+
+    def _fresh(self) -> Deferred[None]:
+        """Fire once the pool is fresh enough: at once, or after the one fetch under way."""
+        if self._fetching is not None:
+            waiting: Deferred[None] = Deferred()
+            self._fetching.append(waiting)
+            return waiting
         now = self._clock.seconds()
-        stale = self._fetched_at is None or now - self._fetched_at >= self._refresh
-        if self._fetch_pool is None or not stale:
-            return maybeDeferred(self._answer, zone_id)
+        wait = self._refresh if self._ok else self.retry
+        if self._fetch_pool is None or (self._asked_at is not None and now - self._asked_at < wait):
+            return succeed(None)
+        self._asked_at, self._ok, self._fetching = now, True, []
 
-        def fetched(pool: Element) -> Zone:
+        def fetched(pool: Element) -> None:
             self._zones = zones_from_pool(pool)
-            self._fetched_at = self._clock.seconds()
-            return self._answer(zone_id)
+            if len(pool.findall("ZONE")) > MAX_ZONES:
+                self.log.warn("Zone pool has more than {n} zones: the rest ignored", n=MAX_ZONES)
 
-        def failed(failure: Any) -> Zone:
-            self.log.warn(
-                "Zone pool not refreshed ({why}); using what is known",
-                why=failure.getErrorMessage(),
-            )
-            return self._answer(zone_id)
+        def failed(failure: Any) -> None:
+            self._ok = False
+            if self._warned_at is None or now - self._warned_at >= WARN_INTERVAL:
+                self._warned_at = now
+                self.log.warn(
+                    "Zone pool not refreshed ({why}); using what is known",
+                    why=failure.getErrorMessage(),
+                )
 
-        return self._fetch_pool().addCallbacks(fetched, failed)
+        def done(_: None) -> None:
+            waiting, self._fetching = self._fetching or [], None
+            for d in waiting:
+                d.callback(None)
+
+        fetching = maybeDeferred(self._fetch_pool).addCallback(fetched)
+        return fetching.addErrback(failed).addCallback(done)
 
     def _answer(self, zone_id: str) -> Zone:
         zone = self._zones.get(zone_id)

@@ -9,10 +9,19 @@ import base64
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import TestCase
 
 from consoleproxy import tap
+from consoleproxy.clouds.opennebula.oned import (
+    SERVER_ADMIN_KEY,
+    ServerAdminRefused,
+    ServerAdminStatus,
+)
 from consoleproxy.config import Config
+from consoleproxy.guacamole.status import GuacamoleError
+from consoleproxy.ops.health import Advisory, ReadinessResource, server_admin_check
 from consoleproxy.tokens import TokenError
 from tests.helpers.fakeguacd import FakeGuacd
 from tests.helpers.fakeoned import FakeOned
@@ -333,3 +342,132 @@ class LoopbackKeptTests(OpenNebulaTestCase):
         self.oned.add_vm(20, "alice", graphics=VNC, history=({"HOSTNAME": "::1"},))
         conn = yield self.connect_values("/api/vm/20/guacamole/vnc")
         self.assertEqual(conn.connect["hostname"], "::1")
+
+
+class ZoneIdTests(OpenNebulaTestCase):
+    """One zone-id parser on the token API: 400 for what is no zone id, ``00`` is ``0``."""
+
+    @inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        yield super().setUp()
+        self.remote = FakeOned(reactor)
+        yield self.remote.start()
+        self.addCleanup(self.remote.stop)
+        self.remote.add_user("alice", "wonderland")
+        self.remote.add_vm(70, "alice", graphics=VNC, history=({"HOSTNAME": "kvm-remote"},))
+        self.oned.add_zone(0, "OpenNebula")
+        self.oned.add_zone(1, "far", endpoint=self.remote.url)
+
+    @inlineCallbacks
+    def test_not_zone_ids_400(self):  # type: ignore[no-untyped-def]
+        for value in (
+            "2147483648",  # 2^31: oned's ids are C ints (was a 500: XML-RPC overflow)
+            "9999999999",
+            "00000000001",  # overlong
+            "-1",
+            "+1",
+            "1_0",
+            "%201",
+            "%D9%A1",  # ARABIC-INDIC DIGIT ONE
+            "%C3%A9",
+            "%FF",
+            "x",
+            "",
+        ):
+            code, headers, body = yield get_json(
+                self.url(f"/api/vm/70/guacamole/vnc?zone={value}"), ALICE
+            )
+            self.assertEqual((code, body["id"]), (400, 400), (value, body))
+            self.assertIn("a zone id is a whole number", body["data"])
+            self.assertIsNone(headers.getRawHeaders(b"www-authenticate"))
+        self.assertNotIn("one.zone.info", [c[0] for c in self.oned.calls])
+
+    @inlineCallbacks
+    def test_largest_zone_id_asks_oned(self):  # type: ignore[no-untyped-def]
+        yield self.refused("/api/vm/70/guacamole/vnc?zone=2147483647", 404, "does not exist")
+
+    @inlineCallbacks
+    def test_leading_zeros_name_the_same_zone(self):  # type: ignore[no-untyped-def]
+        code, _, body = yield get_json(self.url("/api/vm/7/guacamole/vnc?zone=00"), ALICE)
+        self.assertEqual(code, 200, body)
+        self.assertIsNone(self.server.tokens.open(body["data"]).console.zone)  # local
+        code, _, body = yield get_json(self.url("/api/vm/70/guacamole/vnc?zone=0001"), ALICE)
+        self.assertEqual(code, 200, body)
+        self.assertEqual(self.server.tokens.open(body["data"], "1").console.zone, "1")
+        code, _, body = yield get_json(self.url("/api/vm/70/guacamole/vnc?zone=1"), ALICE)
+        self.assertEqual(self.server.tokens.open(body["data"], "01").console.zone, "1")
+
+
+class ServerAdminRefusedTests(OpenNebulaTestCase):
+    """
+    serveradmin's password changed in oned, sunstone_auth not updated: oned
+    refuses every call made with the server-admin credential (AUTHENTICATION).
+    """
+
+    @inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        yield super().setUp()
+        self.clock = Clock()
+        self.events: list[dict] = []
+        self.cloud.admin_status = ServerAdminStatus(self.clock)
+        self.cloud.admin_status.log = Logger(observer=self.events.append)
+        self.oned.serveradmin_password = "rotated-in-oned"
+
+    def errors_logged(self) -> list[str]:
+        return [formatEvent(e) for e in self.events if e["log_level"] == LogLevel.error]
+
+    @inlineCallbacks
+    def test_ssh_and_rdp_503_naming_the_key_without_a_challenge(self):  # type: ignore[no-untyped-def]
+        for path in ("/api/vm/8/guacamole/ssh", "/api/vm/8/guacamole/rdp"):
+            code, headers, body = yield get_json(self.url(path), ALICE)
+            self.assertEqual((code, body["id"]), (503, 503), body)
+            self.assertIn("opennebula.server_admin_auth", body["data"])
+            self.assertIsNone(headers.getRawHeaders(b"www-authenticate"))
+        code, _, body = yield get_json(self.url("/api/vm/7/guacamole/vnc"), ALICE)
+        self.assertEqual(code, 200, body)  # VNC needs no server-admin credential
+
+    @inlineCallbacks
+    def test_logged_once_a_minute(self):  # type: ignore[no-untyped-def]
+        for _ in range(3):
+            yield get_json(self.url("/api/vm/8/guacamole/ssh"), ALICE)
+        self.assertEqual(len(self.errors_logged()), 1)
+        self.assertIn("oned refused opennebula.server_admin_auth", self.errors_logged()[0])
+        self.assertIn("couldn't be authenticated", self.errors_logged()[0])
+        self.assertNotIn("server-pw", repr(self.events))
+        self.clock.advance(59)
+        yield get_json(self.url("/api/vm/8/guacamole/ssh"), ALICE)
+        self.assertEqual(len(self.errors_logged()), 1)
+        self.clock.advance(1)
+        yield get_json(self.url("/api/vm/8/guacamole/ssh"), ALICE)
+        self.assertEqual(len(self.errors_logged()), 2)
+
+    @inlineCallbacks
+    def test_readyz_shows_it_until_a_call_succeeds(self):  # type: ignore[no-untyped-def]
+        readiness = ReadinessResource(
+            {"opennebula.server_admin_auth": server_admin_check(self.cloud)}, Clock(), cache=0
+        )
+        outcomes = yield readiness.results()
+        self.assertIn("oned refused opennebula.server_admin_auth", outcomes[SERVER_ADMIN_KEY])
+        self.assertIn("couldn't be authenticated", outcomes[SERVER_ADMIN_KEY])
+        self.assertEqual(readiness._state_of(outcomes), "degraded")  # VNC still served
+        self.oned.serveradmin_password = "server-pw"  # sunstone_auth and oned agree again
+        code, _, body = yield get_json(self.url("/api/vm/8/guacamole/ssh"), ALICE)
+        self.assertEqual(code, 200, body)
+        self.assertIsNone(self.cloud.admin_status.problem)
+        outcomes = yield readiness.results()
+        self.assertEqual(outcomes, {SERVER_ADMIN_KEY: "ok"})
+
+    @inlineCallbacks
+    def test_zone_pool_refusal_is_seen(self):  # type: ignore[no-untyped-def]
+        yield self.assertFailure(self.cloud.zone_pool(), ServerAdminRefused)
+        self.assertIn("opennebula.server_admin_auth", self.cloud.admin_status.problem)
+
+    @inlineCallbacks
+    def test_wired_into_readyz_and_the_zone_directory(self):  # type: ignore[no-untyped-def]
+        config = Config.load(overrides={"cloud": "opennebula", "one_xmlrpc": self.oned.url})
+        checks = tap.readiness_checks(config, None, self.cloud)
+        self.assertIsInstance(checks[SERVER_ADMIN_KEY], Advisory)
+        directory = tap.build_zones(config, self.cloud, reactor)
+        yield self.assertFailure(directory.lookup("1"), GuacamoleError)  # nothing known
+        self.assertIn("couldn't be authenticated", self.cloud.admin_status.problem)
+        self.assertEqual(len(self.errors_logged()), 1)

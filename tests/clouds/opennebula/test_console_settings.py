@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import os
-from xml.etree.ElementTree import Element
+import warnings
+from xml.etree.ElementTree import Element, TreeBuilder, XMLParser
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -237,3 +238,29 @@ class EncryptedTests(SynchronousTestCase):
         self.assertTrue(looks_encrypted(CIPHER))
         for plain in ("password", "", "abc=", "-----BEGIN", base64.b64encode(b"x" * 15).decode()):
             self.assertFalse(looks_encrypted(plain))
+
+
+class ElementTruthTests(SynchronousTestCase):
+    def test_element_truthiness_is_not_relied_on(self) -> None:
+        """
+        Python 3.12 warns (DeprecationWarning) when an Element is tested for
+        truth; an Element class that does so on any Python shows that the VM
+        document code never does (C{vm.find("TEMPLATE") or ()} did).
+        """
+
+        class WarningElement(Element):
+            def __bool__(self) -> bool:
+                warnings.warn("Testing an element's truth value", DeprecationWarning, 2)
+                return len(self) != 0
+
+        builder = TreeBuilder(element_factory=WarningElement)
+        parser = XMLParser(target=builder)
+        parser.feed(
+            "<VM><ID>8</ID><TEMPLATE><NIC><IP>10.0.0.8</IP><SSH>YES</SSH></NIC></TEMPLATE>"
+            "<HISTORY_RECORDS><HISTORY><HOSTNAME>kvm</HOSTNAME></HISTORY></HISTORY_RECORDS></VM>"
+        )
+        vm = parser.close()
+        with warnings.catch_warnings():
+            warnings.filters[:] = [f for f in warnings.filters if f[0] == "error"]
+            parameters = ssh_parameters(vm, None, Secrets())
+        self.assertEqual(parameters["hostname"], "10.0.0.8")
