@@ -24,9 +24,10 @@ from consoleproxy.relay.session_events import SessionEvents, SessionRecord
 from consoleproxy.relay.websocket import RELAY_BUFFER, RelayPolicy
 from consoleproxy.tokens import KeyRing
 from tests.helpers.adversary import AdversaryTestCase, until
+from tests.helpers.fakeguacd import Behaviour
 from tests.helpers.rawws import OP_PING, OP_PONG, frame, raw_connect, upgrade_request
 from tests.helpers.support import start_server, wait
-from tests.relay.test_guacamole_relay import ALICE
+from tests.relay.test_guacamole_relay import ALICE, VNC
 from tests.relay.test_rfb_relay import RfbTestCase
 
 #: Most bytes the server may hold for one browser: the limit, plus what one
@@ -62,7 +63,13 @@ def open_descriptors() -> int:
 
 
 class FloodTestCase(AdversaryTestCase):
-    """The server's session of an attacker's guacd connection."""
+    """A server whose stall timeout is L{STALL}, recording how sessions closed."""
+
+    def start_proxy(self) -> Any:
+        self.keyring = KeyRing([os.urandom(32)])
+        self.closes = Closes()
+        policy = RelayPolicy(stall_timeout=STALL, events=SessionEvents(self.closes))
+        return start_server(self, guacd_port=self.guacd.port, keyring=self.keyring, policy=policy)
 
     def session_of(self, conn: Any) -> Any:
         (session,) = [
@@ -73,12 +80,6 @@ class FloodTestCase(AdversaryTestCase):
 
 class PingEchoFloodTests(FloodTestCase):
     """Messages full of Guacamole ``ping``, sent by a client that never reads."""
-
-    def start_proxy(self) -> Any:
-        self.keyring = KeyRing([os.urandom(32)])
-        self.closes = Closes()
-        policy = RelayPolicy(stall_timeout=STALL, events=SessionEvents(self.closes))
-        return start_server(self, guacd_port=self.guacd.port, keyring=self.keyring, policy=policy)
 
     @inlineCallbacks
     def test_never_reading_ping_flood_is_bounded_then_closed(self):  # type: ignore[no-untyped-def]
@@ -122,7 +123,7 @@ class PingEchoFloodTests(FloodTestCase):
         client.transport.pauseProducing()
         client.send(frame(PINGS.encode()) * 200)
         yield until(self._over, "over the limit", 10)
-        yield wait(STALL / 2)
+        yield wait(STALL / 4)
         client.transport.resumeProducing()
         yield until(lambda: len(client.messages()) >= 201, "every echo", 20)
         self.assertEqual(client.messages()[1:], [PINGS] * 200)
@@ -210,3 +211,31 @@ class RfbPingFloodTests(RfbTestCase):
         self.assertLess(most, BOUND)
         honest.send(b"hello")
         self.assertEqual((yield honest.expect(5)), b"hello")
+
+
+class StalledRelayTests(FloodTestCase):
+    """Relayed data obeys the same stall limit: guacd floods, the browser never reads."""
+
+    def behaviour(self, number: int) -> Behaviour:
+        return Behaviour(flood=number == 2)
+
+    @inlineCallbacks
+    def test_browser_that_never_reads_relayed_data_is_closed(self):  # type: ignore[no-untyped-def]
+        token = self.server.tokens.seal(ALICE, VNC)
+        client = yield self.raw_request(upgrade_request(f"/guacamole?token={token}"))
+        client.transport.pauseProducing()
+        conn = yield self.guacd.wait_for_connection(2)
+        yield until(lambda: conn.flood is not None and conn.flood.paused, "guacd paused", 10)
+        attacker = self.session_of(conn)
+        most, started = 0, reactor.seconds()
+        while attacker in self.server.relay.sessions and reactor.seconds() - started < 15:
+            most = max(most, attacker.buffered_to_browser())
+            yield wait(0.01)
+        self.assertLess(most, BOUND)
+        self.assertNotIn(attacker, self.server.relay.sessions, "closed")
+        (record,) = self.closes.records
+        self.assertEqual(record.status, 776)
+        self.assertGreaterEqual(record.closed_at - record.opened_at, STALL)
+        yield conn.closed
+        self.assertEqual(conn.ended_by, "disconnect")
+        yield self.assert_undisturbed()
