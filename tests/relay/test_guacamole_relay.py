@@ -186,6 +186,8 @@ class SessionTests(RelayTestCase):
         conn = yield self.guacd.wait_for_connection()
         client.transport.abortConnection()
         yield conn.closed
+        # guacd was told before its socket closed (see test_guacamole_relay_goodbye).
+        self.assertEqual((conn.ended_by, conn.received), ("disconnect", GOODBYE))
 
     @inlineCallbacks
     def test_guacd_error_passes_through_and_maps(self):  # type: ignore[no-untyped-def]
