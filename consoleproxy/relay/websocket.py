@@ -173,6 +173,7 @@ class FlowControl:
         self.browser_full = False
         self._upstream_full = False
         self._reading = True
+        self._released = False
         self.drained: Callable[[], None] | None = None
         browser.registerProducer(_Valve(self._browser_changed), True)
 
@@ -184,6 +185,8 @@ class FlowControl:
             upstream.pauseProducing()
 
     def _browser_changed(self, full: bool) -> None:
+        if self._released:
+            return
         self.browser_full = full
         upstream = self._upstream
         if upstream is not None:
@@ -201,6 +204,8 @@ class FlowControl:
             self.drained()
 
     def _upstream_changed(self, full: bool) -> None:
+        if self._released:
+            return  # (an upstream lingering after the close)
         self._upstream_full = full
         self._apply()
 
@@ -233,6 +238,7 @@ class FlowControl:
         self.browser_full = self._upstream_full = False
         self._browser.unregisterProducer()
         self._apply()
+        self._released = True
 
 
 def buffered(transport: Any) -> int:

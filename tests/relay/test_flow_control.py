@@ -68,6 +68,9 @@ class FlowControlTests(SynchronousTestCase):
         self.assertEqual(self.browser.producerState, "producing")
         self.clock.advance(60)
         self.assertEqual((self.stalls, self.clock.getDelayedCalls()), ([], []))
+        # The upstream lingers a while: its buffer no longer pauses the browser.
+        self.upstream.producer.pauseProducing()
+        self.assertEqual(self.browser.producerState, "producing")
 
     def test_coupled_while_full(self) -> None:
         flow = FlowControl(StringTransport(), lambda: None, self.clock)
