@@ -44,9 +44,8 @@ Behaviours reproduced, with the upstream file each one comes from:
   ``ended_by`` records whether ``disconnect`` arrived before the socket closed:
   src/libguac/socket-fd.c, src/libguac/user.c.
 - An unreachable VNC/SSH target often ends the user with a bare ``disconnect`` and no
-  ``error`` (the abort's ``error`` is broadcast to the connection's users, which may not
-  include a user still joining): src/libguac/client.c, src/guacd/proc.c.  ``Behaviour``'s
-  ``unreachable_disconnect`` models that.
+  ``error``, as observed with guacd 1.6 (issue 13; the exact path in the sources is not
+  traced here): ``Behaviour``'s ``unreachable_disconnect`` models that.
 - Linger: once the connection process drops a user, guacd's parent keeps the TCP socket
   open until the client sends more bytes or closes: src/guacd/connection.c.
 - Connection ids ``$`` + lower-case UUID, joinable while a user remains: src/libguac/id.c,
