@@ -41,8 +41,8 @@ Behaviours reproduced, with the upstream file each one comes from:
   src/libguac/client.c, src/libguac/user-handshake.c.
 - A client that closes its socket without ``disconnect`` is noticed by guacd 1.6 only when it
   next writes to that socket (an idle console: at its 15 s "User is not responding");
-  ``ended_by`` records whether ``disconnect`` arrived before the socket closed:
-  src/libguac/socket-fd.c, src/libguac/user.c.
+  ``ended_by`` records whether ``disconnect`` arrived before the socket closed (the
+  behaviour as issue 13 reports it; the fake still ends the user at once on EOF).
 - An unreachable VNC/SSH target often ends the user with a bare ``disconnect`` and no
   ``error``, as observed with guacd 1.6 (issue 13; the exact path in the sources is not
   traced here): ``Behaviour``'s ``unreachable_disconnect`` models that.
