@@ -9,12 +9,14 @@ L{ConfigError} naming the key and the problem.
 The keys, by section (see ``consoleproxy/examples/consoleproxy.toml``)::
 
     [server]    listen (list of endpoint strings), http_timeout, request_timeout,
-                max_header_bytes, max_body_bytes, trusted_proxies, drain_grace
+                max_header_bytes, max_body_bytes, trusted_proxies, drain_grace,
+                max_connections_per_client, max_connections_per_frontend,
+                descriptor_reserve, stall_timeout
     [guacd]     endpoint, handshake_timeout, timezone
     [tokens]    key_file, lifetime
     [relay]     max_message_size, allowed_origins, allow_missing_origin,
                 max_sessions, max_sessions_per_user, idle_timeout,
-                session_timeout, ping_interval
+                session_timeout, ping_interval, upgrade_rate, upgrade_burst
     [api]       rate, burst (per client address)
     [operations] metrics_allow, audit_log, ready_timeout
     [rfb]       enabled (the raw VNC relay for noVNC), handshake_timeout
@@ -86,6 +88,14 @@ class Config:
         default_factory=list, metadata=_key("server.trusted_proxies")
     )
     drain_grace: float = field(default=30.0, metadata=_key("server.drain_grace"))
+    max_connections_per_client: int = field(
+        default=256, metadata=_key("server.max_connections_per_client")
+    )
+    max_connections_per_frontend: int = field(
+        default=4096, metadata=_key("server.max_connections_per_frontend")
+    )
+    descriptor_reserve: int = field(default=128, metadata=_key("server.descriptor_reserve"))
+    stall_timeout: float = field(default=10.0, metadata=_key("server.stall_timeout"))
     guacd: str = field(default="tcp:127.0.0.1:4822", metadata=_key("guacd.endpoint"))
     handshake_timeout: float = field(default=15.0, metadata=_key("guacd.handshake_timeout"))
     timezone: str = field(default_factory=default_timezone, metadata=_key("guacd.timezone"))
@@ -102,6 +112,8 @@ class Config:
     idle_timeout: float = field(default=0.0, metadata=_key("relay.idle_timeout"))
     session_timeout: float = field(default=0.0, metadata=_key("relay.session_timeout"))
     ping_interval: float = field(default=30.0, metadata=_key("relay.ping_interval"))
+    upgrade_rate: float = field(default=5.0, metadata=_key("relay.upgrade_rate"))
+    upgrade_burst: int = field(default=60, metadata=_key("relay.upgrade_burst"))
     api_rate: float = field(default=2.0, metadata=_key("api.rate"))
     api_burst: int = field(default=20, metadata=_key("api.burst"))
     metrics_allow: list[str] = field(
@@ -262,6 +274,12 @@ class Config:
         _number(self, "api_rate", 0.001, 1000000)
         _whole(self, "api_burst", 1, 1000000)
         _number(self, "ready_timeout", 0.1, 60)
+        _whole(self, "max_connections_per_client", 1, 1000000)
+        _whole(self, "max_connections_per_frontend", 1, 1000000)
+        _whole(self, "descriptor_reserve", 16, 65536)
+        _number(self, "stall_timeout", 1, 3600)
+        _number(self, "upgrade_rate", 0.001, 1000000)
+        _whole(self, "upgrade_burst", 1, 1000000)
         if not isinstance(self.allow_missing_origin, bool):
             raise ConfigError(self.key_of("allow_missing_origin"), "true or false")
         if not isinstance(self.audit_log, str):

@@ -32,6 +32,7 @@ from consoleproxy.clouds.opennebula.zones import ZoneDirectory
 from consoleproxy.clouds.passwords import PasswordVerifier
 from consoleproxy.config import Config, ConfigError, example_path
 from consoleproxy.net.clients import ClientAddresses, networks
+from consoleproxy.net.connlimit import ConnectionGate, DescriptorBudget, raise_descriptor_limit
 from consoleproxy.net.ratelimit import RateLimiter
 from consoleproxy.net.routing import client_of
 from consoleproxy.ops.audit import AuditLog
@@ -44,6 +45,7 @@ from consoleproxy.ops.health import (
     oned_check,
 )
 from consoleproxy.ops.metrics import Metrics, MetricsResource
+from consoleproxy.ops.systemd import SystemdNotifier
 from consoleproxy.relay.guacamole_relay import (
     FederationSettings,
     GuacamoleRelayFactory,
@@ -208,6 +210,7 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
         session_timeout=config.session_timeout,
         ping_interval=config.ping_interval,
         events=events,
+        upgrade_limiter=RateLimiter(reactor, config.upgrade_rate, config.upgrade_burst),
     )
     relay = GuacamoleRelayFactory(
         tokens,
@@ -240,7 +243,7 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
             max_message_size=config.max_message_size,
             policy=policy,
         )
-    assets = StaticFiles(config.node_modules or None)
+    assets = StaticFiles(config.node_modules or None, stall_timeout=config.stall_timeout)
     probe = GuacdProbe(guacd_endpoint if config.has_guacd else None, reactor)
     web = ConsoleProxyWeb(
         TokenApi(cloud, cloud, tokens, rfb_tokens),
@@ -282,6 +285,12 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
                 max_body_bytes=config.max_body_bytes,
             ),
             clients=clients,
+            gate=ConnectionGate(
+                config.max_connections_per_client,
+                per_frontend=config.max_connections_per_frontend,
+                frontends=networks(config.trusted_proxies),
+                budget=DescriptorBudget(reactor, config.descriptor_reserve),
+            ),
         ),
         "table": table,
         "metrics": metrics,
@@ -546,6 +555,15 @@ def _main_thread() -> bool:
 def makeService(options: Options) -> IService:
     """The service tree: one listening service per ``--listen`` endpoint."""
     parts = options.parts
+    before, soft, hard = raise_descriptor_limit()
+    log.info(
+        "Descriptor limit (RLIMIT_NOFILE): soft {soft} (was {before}), hard {hard}; "
+        "{reserve} kept in reserve",
+        soft=soft,
+        before=before,
+        hard=hard,
+        reserve=parts["config"].descriptor_reserve,
+    )
     service = MultiService()
     closers = [parts["tunnels"].pool.close]
     if hasattr(parts["cloud"], "close"):
@@ -561,8 +579,10 @@ def makeService(options: Options) -> IService:
         announce=parts["metrics"].set_draining,
         reopen=audit.reopen if audit is not None else None,
     ).setServiceParent(service)
-    for endpoint in parts["endpoints"]:
-        StreamServerEndpointService(endpoint, parts["site"]).setServiceParent(service)
+    listening = [StreamServerEndpointService(e, parts["site"]) for e in parts["endpoints"]]
+    for port in listening:
+        port.setServiceParent(service)
+    SystemdNotifier(parts["reactor"], listening).setServiceParent(service)
     config = parts["config"]
     if parts["assets"].missing:
         log.warn(

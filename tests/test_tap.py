@@ -15,10 +15,8 @@ from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectError
-from twisted.internet.protocol import ProcessProtocol
 from twisted.plugin import getPlugins
 from twisted.python import usage
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 
@@ -26,6 +24,7 @@ from consoleproxy import tap
 from consoleproxy.config import Config, ConfigError, example_path, with_backlog
 from tests.helpers.fakeguacd import FakeGuacd
 from tests.helpers.support import basic, get_json, wait, write_inventory
+from tests.helpers.twistd import TwistdProcess as _Twistd
 from tests.helpers.wsclient import connect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,6 +83,27 @@ class ConfigTests(SynchronousTestCase):
         self.assertConfigError("inventory.path", "non-empty string", inventory=3)
         error = self.assertRaises(ConfigError, Config.load, "/nonexistent/c.toml")
         self.assertIn("cannot read /nonexistent/c.toml", str(error))
+
+    def test_connection_limits_checked(self) -> None:
+        config = Config.load()
+        self.assertEqual(
+            (
+                config.max_connections_per_client,
+                config.max_connections_per_frontend,
+                config.descriptor_reserve,
+                config.stall_timeout,
+                config.upgrade_rate,
+                config.upgrade_burst,
+            ),
+            (256, 4096, 128, 10.0, 5.0, 60),
+        )
+        self.assertConfigError(
+            "server.max_connections_per_client", "whole number", max_connections_per_client=0
+        )
+        self.assertConfigError("server.descriptor_reserve", "from 16", descriptor_reserve=8)
+        self.assertConfigError("server.stall_timeout", "between", stall_timeout=0)
+        self.assertConfigError("relay.upgrade_rate", "between", upgrade_rate=0)
+        self.assertConfigError("relay.upgrade_burst", "whole number", upgrade_burst=1.5)
 
     def test_bad_endpoints(self) -> None:
         for listen, words in (
@@ -150,23 +170,6 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(
             str(error), "configuration error: guacd.endpoint: use a tcp:, tls: or unix: endpoint"
         )
-
-
-class _Twistd(ProcessProtocol):
-    """A twistd child process: collects output, fires C{ended} with the exit code."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: Deferred[int] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        self.signal = getattr(reason.value, "signal", None)
-        self.ended.callback(reason.value.exitCode)
 
 
 class TwistdTests(TestCase):

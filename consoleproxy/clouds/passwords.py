@@ -13,16 +13,14 @@ never stored, of the hash and the password: no password is kept, a changed
 hash in the inventory no longer matches, and failures are never remembered
 (the rate limit is their answer).
 
-``consoleproxy-passwd`` prints a hash for the inventory file.
+``consoleproxy passwd`` prints a hash for the inventory file.
 """
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import hmac
 import os
-import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -125,24 +123,3 @@ class PasswordVerifier:
 
         verified = self._semaphore.run(self._run, verify_password, password_hash, password)
         return verified.addCallback(remember).addBoth(share)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``consoleproxy-passwd``: read a password (twice on a terminal), print its hash."""
-    del argv
-    if sys.stdin.isatty():
-        password = getpass.getpass("Password: ")
-        if password != getpass.getpass("Again: "):
-            print("consoleproxy-passwd: the passwords differ", file=sys.stderr)
-            return 1
-    else:
-        password = sys.stdin.readline().rstrip("\n")
-    if not password:
-        print("consoleproxy-passwd: empty password", file=sys.stderr)
-        return 1
-    print(hash_password(password))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

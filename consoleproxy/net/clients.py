@@ -108,7 +108,9 @@ class ClientAddresses:
         forwarded = [part for part in forwarded if part]
         client = peer
         for hop in reversed(forwarded):
-            host = _strip_port(hop)
+            # An IPv6 scope (fe80::1%eth0) means nothing outside the frontend's
+            # host, and would make one client many keys (and log any text).
+            host = _strip_port(hop).split("%", 1)[0]
             try:
                 ipaddress.ip_address(host)
             except ValueError:

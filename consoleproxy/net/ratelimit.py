@@ -59,3 +59,44 @@ class RateLimiter:
 def retry_after(seconds: float) -> int:
     """Whole seconds for a ``Retry-After`` header (at least 1)."""
     return max(1, math.ceil(seconds))
+
+
+class LineThrottle:
+    """
+    Rate-limits a repeated log line per client, counting what it held back.
+
+    Every refusal (a WebSocket turned away, a connection over its cap) is
+    worth a log line, but a client that retries in a loop would write the
+    same line thousands of times a second: each client gets a bucket of
+    C{burst} lines refilled at C{rate} per second.  The first line let through
+    after some were held back says how many (L{allow} returns the count), so
+    the log still tells how much happened.
+
+    Memory is bounded like L{RateLimiter}'s: at most C{max_clients} clients
+    are remembered, the least recently seen forgotten first (with their
+    count of suppressed lines, which is then never reported).
+    """
+
+    def __init__(
+        self, clock: IReactorTime, rate: float = 0.2, burst: int = 5, max_clients: int = 10_000
+    ) -> None:
+        self._buckets = RateLimiter(clock, rate, burst, max_clients)
+        self._suppressed: OrderedDict[str, int] = OrderedDict()
+        self.max_clients = max_clients
+
+    def allow(self, key: str) -> int | None:
+        """
+        Whether C{key}'s line may be logged now.
+
+        @return: C{None}: hold it back (it is counted); else the number of
+            lines held back since the last one let through (usually 0).
+        """
+        if self._buckets.take(key) is None:
+            return self._suppressed.pop(key, 0)
+        self._suppressed[key] = self._suppressed.pop(key, 0) + 1
+        while len(self._suppressed) > self.max_clients:
+            self._suppressed.popitem(last=False)
+        return None
+
+    def __len__(self) -> int:
+        return max(len(self._buckets), len(self._suppressed))

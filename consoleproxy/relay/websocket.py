@@ -41,9 +41,11 @@ from zope.interface import implementer
 
 from consoleproxy.guacamole.status import GuacamoleError, Status
 from consoleproxy.interfaces import ITunnels
-from consoleproxy.net.clients import Client, ClientAddresses
+from consoleproxy.net.clients import Client, ClientAddresses, in_networks
 from consoleproxy.net.fastwrite import write_now
-from consoleproxy.net.routing import json_body
+from consoleproxy.net.logsafe import log_safe
+from consoleproxy.net.ratelimit import LineThrottle, RateLimiter, retry_after
+from consoleproxy.net.routing import client_of, json_body
 from consoleproxy.relay.origins import OriginPolicy
 from consoleproxy.relay.session_events import SessionEvents, SessionRecord
 from consoleproxy.relay.sessions import SessionTable
@@ -267,6 +269,11 @@ class RelayPolicy:
     @ivar stall_timeout: seconds a browser may keep its outgoing buffer over
         the limit before its session closes (CLIENT_TIMEOUT); 0: never.
     @ivar events: the observers told of every session.
+    @ivar upgrade_limiter: the per-client rate of WebSocket upgrades (429
+        beyond it, before anything is set up); C{None}: no limit.  A trusted
+        frontend that names no client (another zone's proxy) is not limited.
+    @ivar refusal_lines: how often a client's refusals are logged (C{None}:
+        each relay factory keeps its own default throttle).
     """
 
     origins: OriginPolicy = field(default_factory=lambda: OriginPolicy([], allow_missing=True))
@@ -277,6 +284,8 @@ class RelayPolicy:
     ping_interval: float = 0.0
     stall_timeout: float = STALL_TIMEOUT
     events: SessionEvents = field(default_factory=SessionEvents)
+    upgrade_limiter: RateLimiter | None = None
+    refusal_lines: LineThrottle | None = None
 
 
 class RelayFactory(WebSocketServerFactory):
@@ -318,6 +327,8 @@ class RelayFactory(WebSocketServerFactory):
         self.sessions: set[Any] = set()
         self.lingering: set[IDelayedCall] = set()
         self.token_refusals: dict[str, int] = {}
+        lines = self.policy.refusal_lines  # (an empty throttle is falsy: test for None)
+        self.refusal_lines = lines if lines is not None else LineThrottle(clock)
         self._batched_timer = ClockTimer(clock)
         self.setProtocolOptions(
             webStatus=False,
@@ -507,7 +518,7 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         self._client = self.factory.policy.clients.of_websocket(
             request.peer, request.headers, ISSLTransport.providedBy(self.transport)
         )
-        self._peer = str(self._client)
+        self._peer = log_safe(str(self._client))
         if not self.factory.policy.origins.allows(request.origin):
             raise GuacamoleError(
                 Status.CLIENT_FORBIDDEN, f"Origin {request.origin or '(none)'!r} is not allowed"
@@ -603,13 +614,20 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         if self._refusal is None:
             return False
         status, message = self._refusal
-        self._log.info(
-            "{kind} refused: peer={peer} status={status} ({why})",
-            kind=kind,
-            peer=self._peer,
-            status=int(status),
-            why=message,
-        )
+        key = self._client.rate_key() if self._client is not None else "-"
+        suppressed = self.factory.refusal_lines.allow(key)
+        if suppressed:
+            self._log.info(
+                "{count} refusals from {peer} suppressed", count=suppressed, peer=self._peer
+            )
+        if suppressed is not None:
+            self._log.info(
+                "{kind} refused: peer={peer} status={status} ({why})",
+                kind=kind,
+                peer=self._peer,
+                status=int(status),
+                why=log_safe(message),
+            )
         self._close_status = self._refusal
         self._close(status)
         self.factory.events.session_refused(
@@ -734,7 +752,7 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
             up=self.bytes_from_browser,
             duration=self.factory.clock.seconds() - self._opened_at,
             status=int(status),
-            why=message,
+            why=log_safe(message),
         )
 
     def _report_closed(self, status: Status, message: str) -> None:
@@ -902,6 +920,23 @@ class RelayResource(WebSocketResource):
                 "Upgrade Required",
                 f"a WebSocket endpoint (subprotocol {self.subprotocol})",
             )
+        limiter = self._factory.policy.upgrade_limiter
+        client = client_of(request)
+        # A trusted frontend that names no client is another zone's proxy hopping
+        # here with its users' consoles: not limited as one client.
+        if limiter is not None and not in_networks(
+            client.host, self._factory.policy.clients.trusted
+        ):
+            wait = limiter.take(client.rate_key())
+            if wait is not None:
+                # Before anything is set up (no Autobahn, no token check, no log line).
+                request.setHeader(b"Retry-After", str(retry_after(wait)).encode())
+                return json_body(
+                    request,
+                    429,
+                    "Too Many Requests",
+                    f"too many WebSocket upgrades; retry in {retry_after(wait)} s",
+                )
         transport = request.channel.transport
         if transport is None:
             return super().render(request)

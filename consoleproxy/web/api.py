@@ -20,6 +20,7 @@ from twisted.web.server import Request
 from consoleproxy.consoles import CONSOLE_TYPES, Console, Identity
 from consoleproxy.errors import ApiError, BadRequest, NotFound, Unauthenticated
 from consoleproxy.interfaces import IAuthenticator, ICloud
+from consoleproxy.net.logsafe import log_safe
 from consoleproxy.net.routing import client_of, json_body
 from consoleproxy.tokens import TokenAuthority
 
@@ -73,10 +74,10 @@ class TokenApi:
             self.log.info(
                 "Token refused: {status} {why} (vm={vm} type={type} peer={peer})",
                 status=e.status,
-                why=e.message,
-                vm=vm_id[:32],
-                type=console_type[:16],
-                peer=str(client_of(request)),
+                why=log_safe(e.message),
+                vm=log_safe(vm_id, 32),
+                type=log_safe(console_type, 16),
+                peer=log_safe(str(client_of(request))),
             )
             return json_body(request, e.status, e.title, e.message)
         authority = self.rfb_tokens if mode == "rfb" else self.tokens
@@ -88,7 +89,7 @@ class TokenApi:
             vm=number,
             type=console_type,
             mode=mode,
-            peer=str(client_of(request)),
+            peer=log_safe(str(client_of(request))),
         )
         return json_body(request, 200, "OK", token)
 

@@ -3,8 +3,10 @@ Static files of the console page: consoleproxy's own and the npm libraries.
 
 The browser libraries are npm packages (``package.json`` and its lock file,
 installed by ``scripts/setup`` with ``npm ci`` into ``node_modules``); nothing
-is copied into the repository.  They are served under ``/static/vendor/`` with
-the installed version in the URL, so they can be cached for good::
+is copied into the repository, but a wheel carries them (``setup.py`` copies
+them into ``consoleproxy/web/vendor/`` of the build).  They are served under
+``/static/vendor/`` with the installed version in the URL, so they can be
+cached for good::
 
     /static/console.js, /static/console.css        consoleproxy/web/static/
     /static/vendor/guacamole-common-js@1.5.0/...   node_modules/guacamole-common-js/dist/esm/
@@ -25,7 +27,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from twisted.web.server import Request
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 #: Content types by file extension: anything else is not served.
 CONTENT_TYPES = {
@@ -39,6 +43,10 @@ CONTENT_TYPES = {
 OWN_CACHE = b"no-cache"
 VENDOR_CACHE = b"public, max-age=31536000, immutable"
 _MAX_FILE_BYTES = 8 * 1024 * 1024
+#: Bytes handed to the transport at once by L{BodyProducer}.
+CHUNK_BYTES = 16 * 1024
+#: Default seconds a static response may stall (its client not reading).
+STALL_TIMEOUT = 10.0
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,127}")
 
 
@@ -72,8 +80,25 @@ def own_static_dir() -> Path:
     return Path(__file__).resolve().parent / "static"
 
 
+def packaged_vendor_dir() -> Path:
+    """
+    The libraries a wheel carries (``consoleproxy/web/vendor``, laid out like
+    ``node_modules``): ``setup.py`` copies them there at build time, so an
+    installed consoleproxy serves its page from any directory.
+    """
+    return Path(__file__).resolve().parent / "vendor"
+
+
 def default_node_modules() -> Path:
-    """``node_modules`` beside the source tree (where ``scripts/setup`` puts it)."""
+    """
+    Where the libraries are when ``console.node_modules`` does not say: the
+    packaged copy (a wheel), else ``node_modules`` beside the source tree
+    (a checkout, where ``scripts/setup`` runs ``npm ci``), else the working
+    directory's.
+    """
+    packaged = packaged_vendor_dir()
+    if packaged.is_dir():
+        return packaged
     beside = Path(__file__).resolve().parents[2] / "node_modules"
     if beside.is_dir():
         return beside
@@ -101,7 +126,18 @@ class StaticFiles:
         name, or C{None} when it is not installed.
     """
 
-    def __init__(self, node_modules: str | Path | None = None, own: Path | None = None) -> None:
+    def __init__(
+        self,
+        node_modules: str | Path | None = None,
+        own: Path | None = None,
+        *,
+        stall_timeout: float = STALL_TIMEOUT,
+    ) -> None:
+        """
+        @param stall_timeout: seconds a response may wait for its client to
+            read before the connection is aborted (L{BodyProducer}).
+        """
+        self.stall_timeout = stall_timeout
         self.node_modules = Path(node_modules) if node_modules else default_node_modules()
         self._own = _Mount(own or own_static_dir(), OWN_CACHE)
         self._vendor: dict[str, _Mount] = {}
@@ -147,10 +183,11 @@ class StaticFiles:
         if cached.etag in [tag.strip() for tag in asked.split(b",")] or asked.strip() == b"*":
             request.setResponseCode(304)
             return b""
+        request.setHeader(b"Content-Length", str(len(cached.body)).encode("ascii"))
         if request.method == b"HEAD":
-            request.setHeader(b"Content-Length", str(len(cached.body)).encode("ascii"))
             return b""
-        return cached.body
+        BodyProducer(request, cached.body, self.stall_timeout).start()
+        return NOT_DONE_YET
 
     def _find(self, path: bytes) -> tuple[_Mount, Path] | None:
         try:
@@ -208,3 +245,78 @@ def _not_found(request: Request) -> bytes:
     request.setHeader(b"Cache-Control", b"no-store")
     request.setHeader(b"X-Content-Type-Options", b"nosniff")
     return b"Not found.\n"
+
+
+@implementer(IPushProducer)
+class BodyProducer:
+    """
+    Sends a (cached, shared) file body as fast as the client reads it.
+
+    Returning the body from C{render} would copy all of it into the
+    transport's buffer at once: a client that never reads would keep a copy
+    of each file it asked for until the response deadline.  Here the body
+    goes out in L{CHUNK_BYTES} pieces while the transport asks for more (it
+    pauses its producer above its own buffer size, 64 KiB), so what one
+    client holds is bounded by that buffer plus one chunk, whatever the file.
+
+    A response paused for C{stall_timeout} seconds (the client reads
+    nothing) is aborted: a stalled static-file client keeps its connection
+    for that long only, not for the whole response deadline.
+    """
+
+    def __init__(self, request: Request, body: bytes, stall_timeout: float) -> None:
+        self._request = request
+        self._body = memoryview(body)
+        self._offset = 0
+        self._paused = False
+        self._done = False
+        self._stall_timeout = stall_timeout
+        self._stall: IDelayedCall | None = None
+
+    def start(self) -> None:
+        """Register with the request and send what the transport takes."""
+        self._request.registerProducer(self, True)
+        self._request.notifyFinish().addBoth(lambda _: self._stop())
+        self.resumeProducing()
+
+    def resumeProducing(self) -> None:
+        """The transport wants more: send chunks until it pauses us or the end."""
+        self._paused = False
+        self._cancel_stall()
+        while not self._paused and not self._done:
+            if self._offset >= len(self._body):
+                self._done = True
+                self._request.unregisterProducer()
+                self._request.finish()
+                return
+            end = self._offset + CHUNK_BYTES
+            chunk = self._body[self._offset : end].tobytes()
+            self._offset = end
+            self._request.write(chunk)
+
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full: wait, but not for ever."""
+        self._paused = True
+        if self._stall is None and not self._done:
+            self._stall = self._request.channel.callLater(self._stall_timeout, self._stalled)
+
+    def stopProducing(self) -> None:
+        """The connection is gone."""
+        self._stop()
+
+    def _stop(self) -> None:
+        self._done = True
+        self._cancel_stall()
+        self._body = memoryview(b"")
+
+    def _cancel_stall(self) -> None:
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+
+    def _stalled(self) -> None:
+        self._stall = None
+        transport = self._request.channel.transport if self._request.channel else None
+        self._stop()
+        if transport is not None:
+            transport.abortConnection()

@@ -16,7 +16,14 @@ any size.  Here each stage has its own bound:
     reads a static file keeps nothing);
   - a WebSocket upgrade hands the connection over (L{handed_over}); from
     then on the relay's own deadlines apply (Autobahn's opening handshake
-    timeout, then the session's).
+    timeout, then the session's);
+  - a connection admitted only for health checks (the process is near its
+    descriptor limit, see L{consoleproxy.net.connlimit}) gets
+    C{HEALTH_ONLY_TIMEOUT} for its request.
+
+Whatever must be given back when the connection is gone (its place in the
+per-client count) is registered with L{when_closed}: it runs when the
+connection closes, also after a WebSocket took it over.
 
 Refusals are JSON in FireEdge's shape, then the connection is closed, and
 aborted if the client does not read even that within a few seconds.
@@ -25,10 +32,12 @@ aborted if the client does not read even that within a few seconds.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -36,6 +45,8 @@ from twisted.web.http import HTTPChannel
 
 #: Seconds a refused client gets to read the refusal before it is aborted.
 _ABORT_AFTER_REFUSAL = 5.0
+#: Seconds a health-only connection gets for its request.
+HEALTH_ONLY_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,32 @@ class LimitedChannel(HTTPChannel):
         self._refused = False
         #: Whether any byte arrived on this connection (over TLS: after the handshake).
         self._heard = False
+        #: Only /healthz and /readyz are served (the descriptor reserve is in use).
+        self.health_only = False
+        self._on_close: dict[int, Callable[[], object]] = {}
+        self._next_on_close = 0
+
+    # -- what is given back at the end -----------------------------------------------
+
+    def when_closed(self, callback: Callable[[], object]) -> Callable[[], None]:
+        """
+        Call C{callback} once when the connection is gone (even after a hand-over).
+
+        @return: forgets C{callback} (what one request of a keep-alive
+            connection registered must not pile up with every request).
+        """
+        key = self._next_on_close
+        self._next_on_close += 1
+        self._on_close[key] = callback
+        return lambda: self._on_close.pop(key, None) and None
+
+    def _closed(self, _: object = None) -> None:
+        callbacks, self._on_close = self._on_close, {}
+        for callback in callbacks.values():
+            try:
+                callback()
+            except Exception:
+                self._log.failure("Releasing a closed connection failed")
 
     # -- deadlines -------------------------------------------------------------------
 
@@ -80,7 +117,10 @@ class LimitedChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._set_deadline(self.limits.request_timeout, self._request_too_slow)
+        timeout = self.limits.request_timeout
+        if self.health_only:
+            timeout = min(timeout, HEALTH_ONLY_TIMEOUT)
+        self._set_deadline(timeout, self._request_too_slow)
 
     def _request_too_slow(self) -> None:
         self._deadline = None
@@ -103,8 +143,26 @@ class LimitedChannel(HTTPChannel):
             self.transport.abortConnection()
 
     def handed_over(self) -> None:
-        """The connection now belongs to a WebSocket: its deadlines apply instead."""
+        """
+        The connection now belongs to a WebSocket: its deadlines apply instead.
+
+        Its closing is no longer this channel's to see: once the WebSocket
+        protocol has the transport (right after this call), its C{is_closed}
+        (Autobahn's) runs the L{when_closed} callbacks.
+        """
         self._cancel_deadline()
+        if self._on_close and self.transport is not None:
+            self.callLater(0, self._follow, self.transport)
+
+    def _follow(self, transport: Any) -> None:
+        protocol = getattr(transport, "wrappedProtocol", None) or getattr(
+            transport, "protocol", None
+        )
+        closed = getattr(protocol, "is_closed", None)
+        if isinstance(closed, Deferred) and protocol is not self:
+            closed.addBoth(lambda result: (self._closed(), result)[1])
+        else:
+            self._closed()  # not a protocol we know: nothing to wait for
 
     # -- limits ----------------------------------------------------------------------
 
@@ -156,6 +214,7 @@ class LimitedChannel(HTTPChannel):
 
     def connectionLost(self, reason: Failure) -> None:
         self._cancel_deadline()
+        self._closed()
         if self._abort is not None and self._abort.active():
             self._abort.cancel()
         self._abort = None

@@ -23,16 +23,22 @@ and names the real client behind a trusted frontend.
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.web.http import datetimeToLogString
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from consoleproxy.net.clients import ClientAddresses
-from consoleproxy.net.ratelimit import RateLimiter, retry_after
+from consoleproxy.net.clients import ClientAddresses, peer_host
+from consoleproxy.net.connlimit import Admission, ConnectionGate, Refused
+from consoleproxy.net.logsafe import log_safe
+from consoleproxy.net.ratelimit import LineThrottle, RateLimiter, retry_after
 from consoleproxy.net.routing import Router, client_of, json_body
 from consoleproxy.web.api import TokenApi
 from consoleproxy.web.assets import StaticFiles
@@ -40,6 +46,8 @@ from consoleproxy.web.console_page import ConsoleModes, ConsolePage, not_enabled
 from consoleproxy.web.http_channel import HttpLimits, LimitedChannel
 
 _STATIC_PREFIXES = (b"/static/", b"/fireedge/static/")
+#: What a health-only connection (near the descriptor limit) may ask.
+_HEALTH_PATHS = (b"/healthz", b"/readyz")
 
 
 @dataclass
@@ -173,24 +181,54 @@ class ConsoleProxyWeb:
 
     def resource(self) -> Resource:
         """The root resource."""
-        routes = self.router.resource(self)
-        if self.assets is None:
-            return routes
-        return _WithStatic(routes, self.assets)
+        return _Root(self.router.resource(self), self.assets)
 
 
-class _WithStatic(Resource):
-    """Sends ``/static/`` (and ``/fireedge/static/``) to the files, the rest to the routes."""
+class _Root(Resource):
+    """
+    What every request meets first: the connection limits that need the
+    request (health-only connections, clients behind a frontend), then
+    ``/static/`` (and ``/fireedge/static/``) to the files, the rest to the routes.
+    """
 
     isLeaf = True
 
-    def __init__(self, routes: Resource, assets: StaticFiles) -> None:
+    def __init__(self, routes: Resource, assets: StaticFiles | None) -> None:
         super().__init__()
         self._routes = routes
         self._assets = assets
 
     def render(self, request: Request) -> Any:
-        client_of(request)  # found while the channel is there, for the access log
+        client = client_of(request)  # found while the channel is there, for the access log
+        channel = request.channel
+        if getattr(channel, "health_only", False) and request.path not in _HEALTH_PATHS:
+            channel.persistent = False
+            request.setHeader(b"Retry-After", b"5")
+            return json_body(
+                request, 503, "Service Unavailable", "the server is at its connection limit"
+            )
+        gate = getattr(getattr(channel, "site", None), "gate", None)
+        if client.via is not None and gate is not None:
+            # The frontend's connection was not counted for this client: its
+            # requests in flight (a static file, a WebSocket) are, here.
+            lease = gate.acquire_client(client)
+            if lease is None:
+                channel.persistent = False
+                return json_body(
+                    request,
+                    429,
+                    "Too Many Requests",
+                    f"over the cap of {gate.per_client} connections per client",
+                )
+            forget = channel.when_closed(lease.release)  # a WebSocket never finishes
+
+            def finished(_: object) -> None:
+                lease.release()
+                forget()
+
+            request.notifyFinish().addBoth(finished)
+        if self._assets is None:
+            return self._routes.render(request)
         for prefix in _STATIC_PREFIXES:
             if request.path.startswith(prefix):
                 if request.method not in (b"GET", b"HEAD"):
@@ -202,25 +240,116 @@ class _WithStatic(Resource):
 
 
 def access_log_line(timestamp: str, request: Request) -> str:
-    """A combined-log-format line with the path only: never the query string."""
+    """
+    A combined-log-format line with the path only (never the query string), and
+    without the format's own timestamp: every log line is stamped already (by
+    twistd, in the JSON record, or by the journal).
+    """
 
     def quote(value: bytes | None) -> str:
-        text = (value or b"-").decode("ascii", "replace")
-        return text.replace("\\", "\\\\").replace('"', '\\"')
+        # Control characters escaped (log_safe), then the quotes of the format.
+        return log_safe(value or b"-").replace('"', '\\"')
 
-    return (
-        '"{ip}" - - {time} "{method} {path} {proto}" {code} {length} "{referrer}" "{agent}"'.format(
-            ip=client_of(request).host,
-            time=timestamp or datetimeToLogString(),
-            method=quote(request.method),
-            path=quote(request.path),
-            proto=quote(request.clientproto),
-            code=request.code,
-            length=request.sentLength or "-",
-            referrer=quote(request.getHeader(b"referer")).split("?", 1)[0],
-            agent=quote(request.getHeader(b"user-agent")),
-        )
+    return '"{ip}" - - "{method} {path} {proto}" {code} {length} "{referrer}" "{agent}"'.format(
+        ip=log_safe(client_of(request).host),
+        method=quote(request.method),
+        path=quote(request.path),
+        proto=quote(request.clientproto),
+        code=request.code,
+        length=request.sentLength or "-",
+        referrer=quote(request.getHeader(b"referer")).split("?", 1)[0],
+        agent=quote(request.getHeader(b"user-agent")),
     )
+
+
+class _Closed(Protocol):
+    """
+    A refused connection: reset as soon as it is made, nothing read or sent.
+
+    (C{buildProtocol} may answer C{None} to a plain TCP port, but an C{ssl:}
+    endpoint's TLS wrapper would then wrap nothing and fail.)  The socket is
+    closed at once rather than on the reactor's next turn: a burst of
+    connections accepted in one go at the descriptor limit must not hold a
+    descriptor each until then.
+    """
+
+    def makeConnection(self, transport: Any) -> None:
+        transport.abortConnection()  # unregistered now; Twisted's cleanup on the next turn
+        raw = transport
+        while not hasattr(raw, "socket") and getattr(raw, "transport", None) is not None:
+            raw = raw.transport  # under TLS: the TCP transport
+        sock = getattr(raw, "socket", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # Twisted's own close, later, finds it closed (and ignores that)
+
+
+class ConsoleProxySite(Site):
+    """
+    The site, with the per-client connection cap and the descriptor reserve
+    (L{ConnectionGate}) applied at accept time, and refusals logged sparingly.
+
+    A connection over its cap is closed before anything is read from it (no
+    TLS handshake, no HTTP parsing): C{buildProtocol} answers L{_Closed}.  Its
+    log line, like the access log's line of a 429, goes through a
+    L{LineThrottle}: one client cannot flood the log.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        resource: Resource,
+        *,
+        gate: ConnectionGate | None,
+        refusal_lines: LineThrottle,
+        clients: ClientAddresses,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(resource, **kwargs)
+        self.gate = gate
+        self.refusal_lines = refusal_lines
+        self.clients = clients
+
+    def buildProtocol(self, addr: Any) -> Any:
+        lease = None
+        if self.gate is not None:
+            host = peer_host(addr)
+            try:
+                lease = self.gate.admit(host)
+            except Refused as refused:
+                self._refused(refused.key, host, str(refused))
+                return _Closed()
+        channel = super().buildProtocol(addr)
+        if lease is not None:
+            channel.health_only = lease.admission is Admission.HEALTH_ONLY
+            channel.when_closed(lease.release)
+        return channel
+
+    def _refused(self, key: str, peer: str, why: str) -> None:
+        suppressed = self.refusal_lines.allow(key)
+        if suppressed:
+            self._log.info(
+                "{count} refusals from {peer} suppressed", count=suppressed, peer=log_safe(peer)
+            )
+        if suppressed is not None:
+            self._log.info("Connection from {peer} refused: {why}", peer=log_safe(peer), why=why)
+
+    def log(self, request: Request) -> None:
+        """The access log; a client's 429 and 503 answers are rate-limited like refusals."""
+        if request.code in (429, 503):
+            client = client_of(request)
+            suppressed = self.refusal_lines.allow(client.rate_key())
+            if suppressed is None:
+                return
+            if suppressed:
+                self._log.info(
+                    "{count} refusals from {peer} suppressed",
+                    count=suppressed,
+                    peer=log_safe(str(client)),
+                )
+        super().log(request)
 
 
 def build_site(
@@ -230,15 +359,24 @@ def build_site(
     *,
     limits: HttpLimits | None = None,
     clients: ClientAddresses | None = None,
-) -> Site:
+    gate: ConnectionGate | None = None,
+) -> ConsoleProxySite:
     """
     The twisted.web site: the safe access log, an idle timeout of
     C{timeout}, the bounded channel (L{HttpLimits}; its response deadline is
-    C{timeout} too) and the real client addresses.
+    C{timeout} too), the real client addresses and the connection caps
+    (C{gate}; C{None}: none).
     """
     limits = limits or HttpLimits(response_timeout=timeout)
-    site = Site(web.resource(), timeout=timeout, logFormatter=access_log_line, reactor=reactor)
+    site = ConsoleProxySite(
+        web.resource(),
+        gate=gate,
+        refusal_lines=LineThrottle(reactor),
+        clients=clients or ClientAddresses(),
+        timeout=timeout,
+        logFormatter=access_log_line,
+        reactor=reactor,
+    )
     site.protocol = lambda: LimitedChannel(limits)
-    site.clients = clients or ClientAddresses()  # type: ignore[attr-defined]
     site.displayTracebacks = False
     return site

@@ -8,13 +8,18 @@ Screenshots are PNG files; L{read_png} decodes them (8-bit RGB/RGBA, as Chromium
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import shutil
 import struct
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from twisted.internet import protocol, reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
@@ -41,6 +46,43 @@ def require_browser() -> str:
     return node
 
 
+def trust_key(certificate_pem: bytes) -> str:
+    """
+    The Chromium option that accepts a server certificate's key (its SPKI's SHA-256),
+    for a server whose certificate a test CA signed: Chromium trusts only its system
+    store, and the option applies to a throwaway profile only (Playwright's).
+    """
+    certificate = x509.load_pem_x509_certificate(certificate_pem)
+    spki = certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    digest = base64.b64encode(hashlib.sha256(spki).digest()).decode("ascii")
+    return f"--ignore-certificate-errors-spki-list={digest}"
+
+
+def open_guacamole_console(
+    browser: Browser, guacd: Any, url: str, user: str = "alice", password: str = "wonderland"
+) -> Deferred[dict[str, Any]]:
+    """
+    Open the console page at C{url}; when the relay's guacd connection arrives at the
+    fake guacd C{guacd} (its second: the first is /api/console-modes's probe), draw a
+    400x300 red screen and a frame.  Fires with what the page shows once it is
+    connected or failed (the driver's C{wait_state}), with C{"status"} the page's HTTP status.
+    """
+
+    async def steps() -> dict[str, Any]:
+        opened = await browser.command("open", url=url, user=user, password=password)
+        conn = await guacd.wait_for_connection(2)
+        conn.send("size", "0", "400", "300")
+        conn.send("rect", "0", "0", "0", "400", "300")
+        conn.send("cfill", "14", "0", "220", "30", "40", "255")
+        conn.send_sync(1)
+        shown = await browser.command("wait_state", states=["connected", "error"], timeout=15000)
+        return {**shown, "status": opened["status"]}
+
+    return Deferred.fromCoroutine(steps())
+
+
 class DriverError(Exception):
     """The driver answered a command with an error."""
 
@@ -57,14 +99,18 @@ class Browser(protocol.ProcessProtocol):
         self.stderr = b""
 
     @classmethod
-    def start(cls, testcase: Any) -> Deferred[Browser]:
-        """Start the driver and its browser; stopped by a cleanup of C{testcase}."""
+    def start(cls, testcase: Any, extra_args: Sequence[str] = ()) -> Deferred[Browser]:
+        """
+        Start the driver and its browser; stopped by a cleanup of C{testcase}.
+        C{extra_args} go to Chromium's command line (see L{trust_key}).
+        """
         node = require_browser()
         browser = cls()
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": os.environ.get("HOME", "/tmp"),
             "CHROMIUM": CHROMIUM,
+            "CHROMIUM_EXTRA_ARGS": json.dumps(list(extra_args)),
         }
         reactor.spawnProcess(browser, node, [node, DRIVER], env=env, path=ROOT)
         testcase.addCleanup(browser.stop)

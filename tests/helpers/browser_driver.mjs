@@ -18,6 +18,8 @@ const args = [
   "--disable-component-update",
   "--disable-sync",
   "--force-device-scale-factor=1",
+  // More from the test (a JSON list), e.g. the TLS key a test server may present.
+  ...JSON.parse(process.env.CHROMIUM_EXTRA_ARGS || "[]"),
 ];
 
 function answer(message) {

@@ -123,6 +123,12 @@ class ResolveTests(SynchronousTestCase):
             resolve("127.0.0.1", "203.0.113.9, [2001:db8:f::2]:80").host, "203.0.113.9"
         )
 
+    def test_forwarded_ipv6_scope_dropped(self) -> None:
+        """A scope is the frontend's business: one key per client, no text of the client's."""
+        self.assertEqual(resolve("127.0.0.1", "fe80::1%1").host, "fe80::1")
+        self.assertEqual(resolve("127.0.0.1", "[fe80::1%\x1b[31m]:443").host, "fe80::1")
+        self.assertEqual(resolve("127.0.0.1", "fe80::1%2").rate_key(), "fe80::/64")
+
     def test_ipv4_mapped_and_ipv6_peers(self) -> None:
         self.assertEqual(resolve("::ffff:127.0.0.1", "203.0.113.9").host, "203.0.113.9")
         self.assertEqual(resolve("::ffff:192.0.2.50", "203.0.113.9").host, "::ffff:192.0.2.50")

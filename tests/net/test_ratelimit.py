@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from consoleproxy.net.clients import ClientAddresses, networks
-from consoleproxy.net.ratelimit import RateLimiter, retry_after
+from consoleproxy.net.ratelimit import LineThrottle, RateLimiter, retry_after
 from consoleproxy.web.console_page import ConsolePage
 from consoleproxy.web.site import Operations
 from tests.helpers.support import basic, http_request, serve_web, start_server
@@ -151,3 +151,25 @@ class HttpRateLimitTests(TestCase):
             self.assertEqual(code, 404, path)  # not configured here; never 429
             self.assertEqual(json.loads(body)["id"], 404)
         yield self.assertLimited("/api/vm/7/guacamole/vnc")
+
+
+class LineThrottleTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.throttle = LineThrottle(self.clock, rate=0.2, burst=3, max_clients=2)
+
+    def test_burst_then_held_back_and_counted(self) -> None:
+        self.assertEqual([self.throttle.allow("a") for _ in range(3)], [0, 0, 0])
+        self.assertEqual([self.throttle.allow("a") for _ in range(10)], [None] * 10)
+        self.assertEqual(self.throttle.allow("b"), 0)  # another client has its own
+        self.clock.advance(5)  # one line's worth
+        self.assertEqual(self.throttle.allow("a"), 10)  # "10 refusals ... suppressed"
+        self.assertIsNone(self.throttle.allow("a"))
+        self.clock.advance(5)
+        self.assertEqual(self.throttle.allow("a"), 1)
+
+    def test_bounded(self) -> None:
+        for key in ("a", "b", "c", "d"):
+            for _ in range(5):
+                self.throttle.allow(key)
+        self.assertEqual(len(self.throttle), 2)

@@ -23,7 +23,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from consoleproxy.web.http_channel import HttpLimits, LimitedChannel
+from consoleproxy.web.assets import CHUNK_BYTES, BodyProducer
+from consoleproxy.web.http_channel import HEALTH_ONLY_TIMEOUT, HttpLimits, LimitedChannel
 from consoleproxy.web.site import Operations
 from tests.helpers.fakeguacd import FakeGuacd
 from tests.helpers.support import serve_web, start_server, wait
@@ -225,6 +226,113 @@ class DeadlineArithmeticTests(SynchronousTestCase):
         conn.send(b"GET / HTTP/1.1\r\nHost")
         conn.lose()
         self.assertEqual(conn.clock.getDelayedCalls(), [])
+
+
+class ClosingTests(SynchronousTestCase):
+    """What is given back when a connection is gone (when_closed), and health-only connections."""
+
+    def test_when_closed_runs_once_when_the_connection_is_lost(self) -> None:
+        conn = InProcess(Hello())
+        called: list[int] = []
+        conn.channel.when_closed(lambda: called.append(1))
+        conn.send(GET)
+        self.assertEqual(called, [])
+        conn.lose()
+        conn.channel.connectionLost(Failure(ConnectionError("again")))
+        self.assertEqual(called, [1])
+
+    def test_forgotten_callbacks_do_not_pile_up(self) -> None:
+        """One registration per request on a keep-alive connection, forgotten when it ends."""
+        conn = InProcess(Hello())
+        called: list[int] = []
+        for _ in range(1000):
+            forget = conn.channel.when_closed(lambda: called.append(1))
+            forget()
+        self.assertEqual(conn.channel._on_close, {})
+        conn.lose()
+        self.assertEqual(called, [])
+
+    def test_when_closed_follows_a_hand_over(self) -> None:
+        """After a WebSocket took the connection, its protocol's is_closed says when."""
+        conn = InProcess(Later())
+        called: list[int] = []
+        conn.channel.when_closed(lambda: called.append(1))
+        conn.send(GET)
+        conn.channel.handed_over()
+        websocket = Protocol()
+        websocket.is_closed = Deferred()  # type: ignore[attr-defined]
+        conn.transport.protocol = websocket  # what Autobahn's resource does
+        conn.clock.advance(0)
+        self.assertEqual(called, [])
+        websocket.is_closed.callback(websocket)  # type: ignore[attr-defined]
+        self.assertEqual(called, [1])
+
+    def test_health_only_connection_has_a_short_request_deadline(self) -> None:
+        clock = Clock()
+        site = Site(Hello(), reactor=clock, timeout=1000)
+        site.protocol = lambda: LimitedChannel(LIMITS)  # type: ignore[assignment]
+        channel: LimitedChannel = site.buildProtocol(None)  # type: ignore[assignment]
+        channel.health_only = True
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        clock.advance(HEALTH_ONLY_TIMEOUT)
+        self.assertTrue(transport.disconnected)
+
+
+class _PausingTransport(StringTransport):
+    """Pauses its producer once it holds 32 KiB, as a full socket buffer would."""
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if len(self.value()) - self.taken >= 32768 and self.producer is not None:
+            self.producer.pauseProducing()
+
+    taken = 0
+
+    def drain(self) -> None:
+        """The client read everything so far."""
+        self.taken = len(self.value())
+        self.producer.resumeProducing()
+
+
+class Big(Resource):
+    """Sends 1 MiB through a BodyProducer with a 2 s stall timeout."""
+
+    isLeaf = True
+    body = bytes(range(256)) * 4096
+
+    def render(self, request: Request) -> Any:
+        request.setHeader(b"Content-Length", str(len(self.body)).encode())
+        BodyProducer(request, self.body, 2.0).start()
+        return NOT_DONE_YET
+
+
+class BodyProducerTests(SynchronousTestCase):
+    def connect(self) -> tuple[Clock, _PausingTransport]:
+        clock = Clock()
+        site = Site(Big(), reactor=clock, timeout=1000)
+        site.protocol = lambda: LimitedChannel(HttpLimits(response_timeout=600))  # type: ignore[assignment]
+        channel = site.buildProtocol(None)
+        transport = _PausingTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(GET)
+        return clock, transport
+
+    def test_sends_as_the_client_reads(self) -> None:
+        clock, transport = self.connect()
+        self.assertLess(len(transport.value()), 32768 + CHUNK_BYTES + 1024)
+        while len(transport.value().split(b"\r\n\r\n", 1)[1]) < len(Big.body):
+            clock.advance(1.9)  # slow, but never stalled for 2 s
+            transport.drain()
+        self.assertEqual(transport.value().split(b"\r\n\r\n", 1)[1], Big.body)
+        self.assertFalse(transport.disconnected)
+
+    def test_stalled_response_is_aborted(self) -> None:
+        clock, transport = self.connect()
+        clock.advance(1.9)
+        self.assertFalse(transport.disconnected)
+        clock.advance(0.1)
+        self.assertTrue(transport.disconnected)
 
 
 class SizeLimitTests(SynchronousTestCase):
