@@ -18,6 +18,20 @@ interpret guacd's output beyond finding instruction boundaries and noticing
 ``error`` and ``disconnect``: guacd drops the user then but leaves the socket
 open, so the connection is closed here, and the error's status decides how
 the browser's side closes.
+
+Two closes are given their real meaning here:
+
+  - guacd 1.6 often ends with a bare ``disconnect`` (no ``error``) when it
+    cannot reach the console's VM.  A bare ``disconnect`` before guacd sent
+    any ``sync`` (no frame was ever drawn, so the console never came up) is
+    read as UPSTREAM_NOT_FOUND: an ``error`` with that status goes to the
+    browser just before the ``disconnect``, and the session closes with it.
+  - guacd itself unreachable is UPSTREAM_NOT_FOUND too (as Apache's
+    guacamole-common reports it), not an internal error.
+
+And when the browser leaves, L{GuacdProtocol.disconnect} tells guacd before
+the socket closes: guacd 1.6 notices a closed socket only when it next
+writes, which for an idle console is its 15 s user timeout.
 """
 
 from __future__ import annotations
@@ -50,6 +64,11 @@ from consoleproxy.net.fastwrite import write_now
 SUPPORTED_VERSION = (1, 5, 0)
 _ERROR_PREFIX = "5.error,"
 _DISCONNECT_PREFIX = "10.disconnect"
+_SYNC_PREFIX = "4.sync,"
+#: Why a bare ``disconnect`` before any frame ends a session (see the module docstring).
+UNREACHABLE_CONSOLE = (
+    "guacd disconnected before the console showed anything: the VM's console could not be reached"
+)
 
 
 def _version_tuple(element: str) -> tuple[int, int, int] | None:
@@ -139,6 +158,9 @@ class GuacdProtocol(Protocol):
         self._on_close: Callable[[Status, str], None] | None = None
         self._error: tuple[Status, str] | None = None
         self._closing_reason: tuple[Status, str] | None = None
+        #: guacd sent a ``sync``: a frame was drawn, the console came up.
+        self.drew = False
+        self._ended = False
 
     # -- handshake -----------------------------------------------------------------
 
@@ -209,6 +231,17 @@ class GuacdProtocol(Protocol):
         """Send whole instructions to guacd."""
         self._send(data)
 
+    def disconnect(self) -> None:
+        """
+        The user leaves: send ``disconnect`` (once, and only to a guacd that
+        still has the user), so that guacd ends the connection now rather
+        than when it next writes to a closed socket.
+        """
+        if self._ended or self._handshaking or self.transport is None or self.closed.called:
+            return
+        self._ended = True
+        self._send(encode("disconnect"))
+
     def _send(self, data: str) -> None:
         raw = data.encode("utf-8")
         self.bytes_to_guacd += len(raw)
@@ -234,7 +267,7 @@ class GuacdProtocol(Protocol):
         if not instructions:
             return
         ended = False
-        for instruction in instructions:
+        for index, instruction in enumerate(instructions):
             if instruction.startswith(_ERROR_PREFIX):
                 parts = elements(instruction)
                 status = Status.parse(parts[2]) if len(parts) > 2 else Status.SERVER_ERROR
@@ -242,7 +275,18 @@ class GuacdProtocol(Protocol):
                     self._error = (status, parts[1] if len(parts) > 1 else "")
                 ended = True
             elif instruction.startswith(_DISCONNECT_PREFIX):
+                if self._error is None and not self.drew:
+                    self._error = (Status.UPSTREAM_NOT_FOUND, UNREACHABLE_CONSOLE)
+                    error = encode(
+                        "error", UNREACHABLE_CONSOLE, str(int(Status.UPSTREAM_NOT_FOUND))
+                    )
+                    instructions = [*instructions[:index], error, *instructions[index:]]
                 ended = True
+                break
+            elif not self.drew and instruction.startswith(_SYNC_PREFIX):
+                self.drew = True
+        if ended:
+            self._ended = True
         if self._sink is None:
             self._held.extend(instructions)
         else:
@@ -301,8 +345,9 @@ def connect_guacd(
 
     Fires with the protocol, reading paused, once guacd said ``ready``.
     Fails with a L{GuacamoleError}: guacd's own status when it sent an
-    ``error``, L{Status.UPSTREAM_TIMEOUT} on timeout, L{Status.SERVER_ERROR}
-    when guacd cannot be reached.  Cancelling the result closes whatever was
+    ``error``, L{Status.UPSTREAM_TIMEOUT} on timeout,
+    L{Status.UPSTREAM_NOT_FOUND} when guacd cannot be reached (as Apache's
+    guacamole-common reports it).  Cancelling the result closes whatever was
     opened.
     """
     protocol = GuacdProtocol(request)
@@ -333,7 +378,8 @@ def connect_guacd(
         if state["phase"] == "connecting" and not failure.check(GuacamoleError, CancelledError):
             return Failure(
                 GuacamoleError(
-                    Status.SERVER_ERROR, f"cannot connect to guacd: {failure.getErrorMessage()}"
+                    Status.UPSTREAM_NOT_FOUND,
+                    f"cannot connect to guacd: {failure.getErrorMessage()}",
                 )
             )
         return failure

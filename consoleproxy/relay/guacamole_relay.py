@@ -17,10 +17,13 @@ Life of a session (Apache's Java tunnel is the model):
     message of whole instructions.  Each browser message must hold whole
     instructions; the internal opcode is handled here (``ping`` echoed,
     the rest dropped) and never reaches guacd.
- 4. Backpressure both ways: each side's transport is the other's streaming
-    producer, so a browser that stops reading pauses reading from guacd and
-    a guacd that stops reading pauses the browser.
- 5. Whichever side closes first, the other follows at once.
+ 4. Backpressure both ways (websocket.FlowControl): a browser that stops
+    reading pauses reading from guacd and from the browser itself (its
+    ``ping`` echoes are written like relayed data), and a guacd that stops
+    reading pauses the browser.
+ 5. Whichever side closes first, the other follows at once; guacd is told
+    ``disconnect`` first (it would otherwise notice only when it next
+    writes).
 """
 
 from __future__ import annotations
@@ -240,8 +243,7 @@ class GuacamoleRelayProtocol(RelaySession):
         status = Status.parse(reason) if reason else Status.SUCCESS
         if self._close_status is None:
             self._close_status = (status, f"zone {self._zone} closed ({code})")
-        if self.transport is not None:
-            self.transport.unregisterProducer()
+        self._stop_flow()
         if self.state == self.STATE_OPEN:
             self.sendCloseFrame(
                 code=code or 1000, reasonUtf8=(reason or "").encode()[:123], isReply=False
@@ -319,15 +321,20 @@ class GuacamoleRelayProtocol(RelaySession):
             self._end(e.status, f"browser sent bad data: {e}")
             return
         forward = []
+        echoes = []
         for instruction in instructions:
             # The internal opcode is the empty one: its length is 0, however written
             # ("0.", "00.": the parser accepts leading zeros, as guacd does).
             if instruction.startswith("0") and int(instruction[: instruction.index(".")]) == 0:
                 parts = elements(instruction)
                 if len(parts) > 1 and parts[1] == "ping":
-                    self._send(instruction)
+                    echoes.append(instruction)
                 continue
             forward.append(instruction)
+        if echoes:
+            # One message for the message's pings; written like relayed data, so
+            # a browser that does not read them is paused (FlowControl).
+            self._send("".join(echoes))
         if forward:
             if not all(i.startswith(_NOT_INPUT) for i in forward):
                 self._touch()
@@ -351,6 +358,9 @@ class GuacamoleRelayProtocol(RelaySession):
             return
         guacd = self._guacd
         if guacd is not None and guacd.transport is not None and not guacd.closed.called:
+            # guacd 1.6 notices a closed socket only when it next writes to it
+            # (for an idle console: its 15 s "User is not responding"): say so.
+            guacd.disconnect()
             self._linger_close(guacd.transport, guacd.closed)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:

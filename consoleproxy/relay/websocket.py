@@ -23,7 +23,7 @@ and the raw VNC relay (rfb.py).
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,11 +31,13 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ISSLTransport
 from twisted.internet.task import LoopingCall
+from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from consoleproxy.guacamole.status import GuacamoleError, Status
 from consoleproxy.interfaces import ITunnels
@@ -119,6 +121,135 @@ MAX_OUTGOING_MESSAGE = 1 << 20
 #: Seconds between reports of bytes relayed by open sessions (live counters).
 BYTES_REPORT_INTERVAL = 10.0
 
+#: Seconds a browser may keep its outgoing buffer over L{RELAY_BUFFER}
+#: (reading nothing) before its session is closed with CLIENT_TIMEOUT.
+#: guacd's own patience with a silent user is 15 s; a browser that has not
+#: taken a quarter MiB in twice that is gone, or too slow to be a console.
+STALL_TIMEOUT = 30.0
+
+
+@implementer(IPushProducer)
+class _Valve:
+    """
+    A transport's producer that only reports: its outgoing buffer went over
+    the limit (C{pauseProducing}) or drained (C{resumeProducing}).
+    """
+
+    def __init__(self, changed: Callable[[bool], None]) -> None:
+        self._changed = changed
+
+    def pauseProducing(self) -> None:
+        self._changed(True)
+
+    def resumeProducing(self) -> None:
+        self._changed(False)
+
+    def stopProducing(self) -> None:
+        """The transport is gone: nothing to stop here."""
+
+
+class FlowControl:
+    """
+    One session's backpressure, both ways, whoever writes.
+
+    Each side's transport reports its own outgoing buffer through a
+    L{_Valve}.  Reading from the upstream stops while the browser's buffer
+    is over the limit; reading from the browser stops while either buffer
+    is: the browser's input produces writes both ways (relayed to the
+    upstream, or answered here: Guacamole ``ping`` echoes, WebSocket
+    pongs), so a browser that sends without reading is paused like an
+    upstream that floods.  Twisted reports a drained buffer only once it is
+    empty, so each side holds at most the limit plus what one read turns
+    into.
+
+    @ivar browser_full: the browser's outgoing buffer is over the limit.
+    """
+
+    def __init__(self, browser: Any, stalled: Callable[[], None], clock: IReactorTime) -> None:
+        self._browser = browser
+        self._upstream: Any = None
+        self._stalled = stalled
+        self._clock = clock
+        self._stall: IDelayedCall | None = None
+        self.stall_timeout = 0.0
+        self.browser_full = False
+        self._upstream_full = False
+        self._reading = True
+        self._released = False
+        self.drained: Callable[[], None] | None = None
+        browser.registerProducer(_Valve(self._browser_changed), True)
+
+    def couple(self, upstream: Any) -> None:
+        """The upstream's transport is open: pair its reading and its buffer with ours."""
+        self._upstream = upstream
+        upstream.registerProducer(_Valve(self._upstream_changed), True)
+        if self.browser_full:
+            upstream.pauseProducing()
+
+    def _browser_changed(self, full: bool) -> None:
+        if self._released:
+            return
+        self.browser_full = full
+        upstream = self._upstream
+        if upstream is not None:
+            if full:
+                upstream.pauseProducing()
+            else:
+                upstream.resumeProducing()
+        if full:
+            if self._stall is None and self.stall_timeout > 0:
+                self._stall = self._clock.callLater(self.stall_timeout, self._stalled_now)
+        else:
+            self._cancel_stall()
+        self._apply()
+        if not full and self.drained is not None:
+            self.drained()
+
+    def _upstream_changed(self, full: bool) -> None:
+        if self._released:
+            return  # (an upstream lingering after the close)
+        self._upstream_full = full
+        self._apply()
+
+    def _apply(self) -> None:
+        reading = not (self.browser_full or self._upstream_full)
+        if reading != self._reading:
+            self._reading = reading
+            if reading:
+                self._browser.resumeProducing()
+            else:
+                self._browser.pauseProducing()
+
+    def _stalled_now(self) -> None:
+        self._stall = None
+        self._stalled()
+
+    def _cancel_stall(self) -> None:
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+
+    def release(self) -> None:
+        """
+        The session is closing: no more limits on reading the browser (what
+        it sends is discarded now, and its close reply must be read), no
+        more stall timer; the upstream is closed by its own path.
+        """
+        self._cancel_stall()
+        self.drained = None
+        self.browser_full = self._upstream_full = False
+        self._browser.unregisterProducer()
+        self._apply()
+        self._released = True
+
+
+def buffered(transport: Any) -> int:
+    """Bytes written to C{transport} and not yet taken by the kernel (TCP only; else 0)."""
+    if isinstance(transport, Connection):
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    inner = getattr(transport, "transport", None)
+    return buffered(inner) if inner is not None and inner is not transport else 0
+
 
 @dataclass
 class RelayPolicy:
@@ -135,6 +266,8 @@ class RelayPolicy:
     @ivar session_timeout: seconds a session may last at most; 0: no limit.
     @ivar ping_interval: seconds between WebSocket pings; a browser that has
         not answered by the next one is gone; 0: no pings.
+    @ivar stall_timeout: seconds a browser may keep its outgoing buffer over
+        the limit before its session closes (CLIENT_TIMEOUT); 0: never.
     @ivar events: the observers told of every session.
     @ivar upgrade_limiter: the per-client rate of WebSocket upgrades (429
         beyond it, before anything is set up); C{None}: no limit.  A trusted
@@ -149,6 +282,7 @@ class RelayPolicy:
     idle_timeout: float = 0.0
     session_timeout: float = 0.0
     ping_interval: float = 0.0
+    stall_timeout: float = STALL_TIMEOUT
     events: SessionEvents = field(default_factory=SessionEvents)
     upgrade_limiter: RateLimiter | None = None
     refusal_lines: LineThrottle | None = None
@@ -269,6 +403,9 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         self._idle: IDelayedCall | None = None
         self._last_input = 0.0
         self._fragments = 0
+        self._flow: FlowControl | None = None
+        self._pong: bytes | None = None
+        self._reading_now = False
         self.bytes_to_browser = 0
         self.bytes_from_browser = 0
 
@@ -286,6 +423,36 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         super()._connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
+        # WebSocket pings met in one read get one pong, after it (see onPing).
+        self._reading_now = True
+        try:
+            self._read(data)
+        finally:
+            self._reading_now = False
+        if self._pong is not None:
+            self._answer_ping()
+
+    def onPing(self, payload: bytes) -> None:
+        """
+        Note the ping; L{_answer_ping} answers the latest one after the read,
+        or once the browser's buffer drained: one pong at most per read and
+        none while the browser reads nothing (RFC 6455 5.5.3 allows answering
+        only the latest ping).
+        """
+        if self.state == self.STATE_OPEN:
+            self._pong = payload
+            if not self._reading_now:
+                self._answer_ping()
+
+    def _answer_ping(self) -> None:
+        flow = self._flow
+        if flow is not None and flow.browser_full:
+            return  # when it drains (FlowControl.drained)
+        payload, self._pong = self._pong, None
+        if payload is not None and self.state == self.STATE_OPEN:
+            self.sendPong(payload)
+
+    def _read(self, data: bytes) -> None:
         # The common case of an open session, a browser's message in one
         # whole masked frame, is read here; anything else (control frames,
         # fragments, partial or large frames, bad UTF-8, any protocol error)
@@ -475,6 +642,7 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         """The session is open: count it, start its clocks, tell the observers."""
         clock = self.factory.clock
         now = self._opened_at = self._last_input = clock.seconds()
+        self._control_flow()
         self.factory.session_opened(self)
         claims = self._claims
         assert claims is not None
@@ -496,6 +664,28 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
             self._deadline = clock.callLater(policy.session_timeout, self._session_expired)
         if policy.idle_timeout > 0:
             self._idle = clock.callLater(policy.idle_timeout, self._idle_check)
+
+    def _control_flow(self) -> None:
+        """From now on, every write toward the browser is bounded (L{FlowControl})."""
+        if self._flow is not None or self.transport is None:
+            return
+        if isinstance(getattr(self.transport, "bufferSize", None), int):
+            self.transport.bufferSize = RELAY_BUFFER
+        flow = self._flow = FlowControl(self.transport, self._stalled, self.factory.clock)
+        flow.stall_timeout = self.factory.policy.stall_timeout
+        flow.drained = self._answer_ping
+
+    def _stalled(self) -> None:
+        """The browser kept its outgoing buffer over the limit too long: close."""
+        timeout = self.factory.policy.stall_timeout
+        self._end(
+            Status.CLIENT_TIMEOUT,
+            f"browser read nothing for {timeout:g} s with over {RELAY_BUFFER} bytes waiting",
+        )
+
+    def buffered_to_browser(self) -> int:
+        """Bytes waiting to go to the browser (tests and diagnostics)."""
+        return buffered(self.transport)
 
     def _touch(self) -> None:
         """The user did something (a key, the mouse, the clipboard): not idle."""
@@ -581,18 +771,19 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
 
     def _couple(self, upstream: Any) -> None:
         """
-        Each side's transport pauses the other: bounded memory per session
-        (at most L{RELAY_BUFFER} or so each way).  The upstream also gets
-        TCP_NODELAY: a console's small instructions must not wait for Nagle.
+        Each side's buffer pauses reading the other (L{FlowControl}): bounded
+        memory per session (at most L{RELAY_BUFFER} or so each way).  The
+        upstream also gets TCP_NODELAY: a console's small instructions must
+        not wait for Nagle.
         """
         if upstream is not None:
-            for transport in (self.transport, upstream):
-                if isinstance(getattr(transport, "bufferSize", None), int):
-                    transport.bufferSize = RELAY_BUFFER
+            self._control_flow()
+            if isinstance(getattr(upstream, "bufferSize", None), int):
+                upstream.bufferSize = RELAY_BUFFER
             if hasattr(upstream, "setTcpNoDelay"):
                 upstream.setTcpNoDelay(True)
-            self.transport.registerProducer(upstream, True)
-            upstream.registerProducer(self.transport, True)
+            assert self._flow is not None
+            self._flow.couple(upstream)
 
     # -- closing -------------------------------------------------------------------
 
@@ -612,9 +803,16 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         """Close the upstream socket (see L{_linger_close})."""
         raise NotImplementedError
 
-    def _close(self, status: Status, code: int | None = None) -> None:
-        if self.transport is not None:
+    def _stop_flow(self) -> None:
+        """Closing: no more pongs, no more limits on reading (L{FlowControl.release})."""
+        self._pong = None
+        if self._flow is not None:
+            self._flow.release()
+        elif self.transport is not None:
             self.transport.unregisterProducer()
+
+    def _close(self, status: Status, code: int | None = None) -> None:
+        self._stop_flow()
         if self.state == self.STATE_OPEN:
             # sendClose only allows 1000 and 3000-4999; Guacamole needs 1001-1011.
             self.sendCloseFrame(
@@ -659,6 +857,8 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
     def _release(self) -> None:
         """In onClose: give up whatever the session still holds."""
         self._gone = True
+        if self._flow is not None:
+            self._flow.release()
         for name in ("_deadline", "_idle"):
             call = getattr(self, name)
             if call is not None and call.active():

@@ -39,6 +39,13 @@ Behaviours reproduced, with the upstream file each one comes from:
 - An error sent to a user (``guac_user_abort``/``guac_client_abort``) stops its input loop
   after the next instruction or timeout, then ``disconnect``: src/libguac/user.c,
   src/libguac/client.c, src/libguac/user-handshake.c.
+- A client that closes its socket without ``disconnect`` is noticed by guacd 1.6 only when it
+  next writes to that socket (an idle console: at its 15 s "User is not responding");
+  ``ended_by`` records whether ``disconnect`` arrived before the socket closed (the
+  behaviour as issue 13 reports it; the fake still ends the user at once on EOF).
+- An unreachable VNC/SSH target often ends the user with a bare ``disconnect`` and no
+  ``error``, as observed with guacd 1.6 (issue 13; the exact path in the sources is not
+  traced here): ``Behaviour``'s ``unreachable_disconnect`` models that.
 - Linger: once the connection process drops a user, guacd's parent keeps the TCP socket
   open until the client sends more bytes or closes: src/guacd/connection.c.
 - Connection ids ``$`` + lower-case UUID, joinable while a user remains: src/libguac/id.c,
@@ -388,6 +395,8 @@ class Behaviour:
     # banner, and report it with ``name`` (guacd names the desktop there); an
     # unreachable target gets guacd's ``error,Aborted. See logs.,519``
     upstream: bool = False
+    # with upstream: an unreachable target gets only ``disconnect``, no ``error``
+    unreachable_disconnect: bool = False
 
 
 @implementer(interfaces.IPushProducer)
@@ -518,6 +527,9 @@ class FakeGuacdConnection(protocol.Protocol):
         self.received: list[list[str]] = []
         self.received_bytes = self.sent_bytes = 0
         self.joined = False  # guac_client_add_user succeeded
+        # how the running user ended from the client's side: "disconnect" (the instruction
+        # came before the socket closed) or "eof" (the socket closed first)
+        self.ended_by: str | None = None
         self.user_active = True
         self._arity_ok = False
         self._lost = False
@@ -575,6 +587,8 @@ class FakeGuacdConnection(protocol.Protocol):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         """Forget timers and the user; fire ``closed``."""
+        if self.state == "running" and self.ended_by is None:
+            self.ended_by = "eof"
         self.state, self._lost = "closed", True
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.loseConnection()
@@ -836,7 +850,11 @@ class FakeGuacdConnection(protocol.Protocol):
                 upstream.transport.loseConnection()
 
         def failed(reason: Failure) -> None:
-            if not conn._lost:
+            if conn._lost:
+                return
+            if conn.behaviour.unreachable_disconnect:
+                conn._finish_user()
+            else:
                 conn.send_error(ABORT_MESSAGE, 519)
 
         endpoint.connect(protocol.Factory.forProtocol(Upstream)).addCallbacks(connected, failed)
@@ -845,6 +863,8 @@ class FakeGuacdConnection(protocol.Protocol):
         self.received.append(instruction)
         opcode = instruction[0]
         if opcode == "disconnect":
+            if self.ended_by is None:
+                self.ended_by = "disconnect"
             self.user_active = False
         elif opcode == "sync":
             assert self._session is not None

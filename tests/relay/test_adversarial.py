@@ -23,7 +23,7 @@ from tests.helpers.rawws import (
     upgrade_request,
 )
 from tests.helpers.support import wait
-from tests.relay.test_guacamole_relay import ALICE, SSH, VNC
+from tests.relay.test_guacamole_relay import ALICE, GOODBYE, SSH, VNC
 
 BAD_REQUEST = (1002, "768")
 OVERRUN = (1009, "781")
@@ -41,7 +41,7 @@ class FrameAttackTests(AdversaryTestCase):
         client.send(data)
         yield self.closed_with(client, expected)
         yield conn.closed
-        self.assertEqual(conn.received, [])
+        self.assertEqual(conn.received, GOODBYE)
         return conn
 
     @inlineCallbacks
@@ -109,7 +109,7 @@ class FrameAttackTests(AdversaryTestCase):
         client.send(frame(b"\x03\xe8", 0x8, fin=False))
         yield client.lost
         yield conn.closed
-        self.assertEqual(conn.received, [])
+        self.assertEqual(conn.received, GOODBYE)
         yield until(lambda: len(self.server.relay.sessions) == 1, "only the honest session")
         yield self.assert_undisturbed()
 
@@ -167,7 +167,7 @@ class InstructionAttackTests(AdversaryTestCase):
             client.send(frame(payload))
             yield self.closed_with(client, expected)
             yield conn.closed
-            self.assertEqual(conn.received, [], payload[:40])
+            self.assertEqual(conn.received, GOODBYE, payload[:40])
         yield self.assert_undisturbed()
 
     def test_bad_length_prefixes(self):  # type: ignore[no-untyped-def]
@@ -442,5 +442,5 @@ class FrameReadingTests(AdversaryTestCase):
         client, conn = yield self.attack_session()
         client.send(text_frame(encode("key", "1", "1")) + frame(b"3.key,1.\xff,1.1;"))
         yield self.closed_with(client, BAD_UTF8)
-        self.assertEqual(conn.received, [["key", "1", "1"]])
+        self.assertEqual(conn.received, [["key", "1", "1"], *GOODBYE])
         yield self.assert_undisturbed()

@@ -21,6 +21,8 @@ from tests.helpers.wsclient import connect
 ALICE = Identity("alice")
 VNC = Console(7, "vnc", {"hostname": "10.0.0.5", "port": "5907", "password": "vnc-secret"})
 SSH = Console(7, "ssh", {"hostname": "10.0.0.5", "port": "22", "username": "root"})
+#: All guacd hears of a session whose input was refused: the relay's goodbye.
+GOODBYE = [["disconnect"]]
 UUID = re.compile(r"^0\.,36\.[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12};$")
 
 
@@ -184,6 +186,8 @@ class SessionTests(RelayTestCase):
         conn = yield self.guacd.wait_for_connection()
         client.transport.abortConnection()
         yield conn.closed
+        # guacd was told before its socket closed (see test_guacamole_relay_goodbye).
+        self.assertEqual((conn.ended_by, conn.received), ("disconnect", GOODBYE))
 
     @inlineCallbacks
     def test_guacd_error_passes_through_and_maps(self):  # type: ignore[no-untyped-def]
@@ -216,7 +220,7 @@ class SessionTests(RelayTestCase):
             code, reason = yield client.closed
             self.assertEqual((code, reason), expected, message[:20])
             yield conn.closed
-            self.assertEqual(conn.received, [])
+            self.assertEqual(conn.received, GOODBYE)
 
     @inlineCallbacks
     def test_binary_message_refused(self):  # type: ignore[no-untyped-def]
@@ -235,7 +239,7 @@ class SessionTests(RelayTestCase):
         code, reason = yield client.closed
         self.assertEqual((code, reason), (1009, "781"))
         yield conn.closed
-        self.assertEqual(conn.received, [])
+        self.assertEqual(conn.received, GOODBYE)
 
     @inlineCallbacks
     def test_session_logs_without_secrets(self):  # type: ignore[no-untyped-def]
@@ -437,7 +441,8 @@ class GuacdUnreachableTests(TestCase):
         client = yield connect(server.ws_url(f"/guacamole?token={token}"))
         yield client.opened
         code, reason = yield client.closed
-        self.assertEqual((code, reason), (1011, "512"))
+        # Upstream not found, as Apache's guacamole-common reports it (not 512).
+        self.assertEqual((code, reason), (1011, "519"))
 
 
 class OldGuacdTests(RelayTestCase):

@@ -4,7 +4,9 @@
   mouse and the clipboard (both ways) reach guacd or come from it.
 - noVNC path: a real x11vnc on Xvfb shows a two-colour pattern; the screenshot shows it;
   a key typed into the page reaches the X display (seen by xev on the X side).
-- Errors in words: wrong credentials, an expired token (both paths), an unknown VM.
+- Errors in words: wrong credentials, an expired token (both paths), an unknown VM, guacd
+  unreachable (519, not an internal error), the VM unreachable behind guacd (guacd 1.6's
+  bare ``disconnect``: 519, not "Disconnected").
 
 Skipped, naming the missing package, without node, chromium or the npm packages
 (scripts/setup installs them all).
@@ -23,7 +25,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.helpers.browser import Browser, pixel, read_png, require_browser
 from tests.helpers.consoleserver import start_console_server
-from tests.helpers.fakeguacd import FakeGuacd
+from tests.helpers.fakeguacd import Behaviour, FakeGuacd
 from tests.helpers.support import wait
 
 RED = (220, 30, 40)
@@ -210,6 +212,17 @@ class GuacamolePathTests(BrowserTestCase):
         self.assertIn("cannot be reached", shown["error"])
         self.assertIn("519", shown["error"])
 
+    @inlineCallbacks
+    def test_vm_unreachable_bare_disconnect_in_words(self):  # type: ignore[no-untyped-def]
+        """guacd 1.6 ends with just 'disconnect' when the VM is unreachable: not 'Disconnected'."""
+        self.guacd.behaviour = Behaviour(upstream=True, unreachable_disconnect=True)
+        yield self.open_console(self.server.url("/console/7/vnc"))
+        conn = yield self.guacd.wait_for_connection(2)
+        shown = yield self.wait_state("error")
+        self.assertEqual(conn.upstream_banner, None)  # the VM's console was never reached
+        self.assertIn("The remote console cannot be reached: is the VM running?", shown["error"])
+        self.assertIn("519", shown["error"])
+
 
 class ErrorTests(BrowserTestCase):
     """Failures show as words, never as a blank page."""
@@ -240,6 +253,17 @@ class ErrorTests(BrowserTestCase):
         self.assertEqual(shown["mode"], "rfb")
         self.assertIn("token was refused", shown["error"])
         self.assertEqual(server.rfb.token_refusals, {"expired": 1})
+
+    @inlineCallbacks
+    def test_guacd_unreachable_in_words(self):  # type: ignore[no-untyped-def]
+        """Nothing listens where guacd should be: a connection failure, not an internal error."""
+        server = yield start_console_server(self)  # guacd at 127.0.0.1:1
+        yield self.open_console(server.url("/console/7/vnc?mode=guacamole"))
+        shown = yield self.wait_state("error")
+        self.assertEqual(shown["mode"], "guacamole")
+        self.assertIn("cannot reach its console service (guacd)", shown["error"])
+        self.assertIn("519", shown["error"])
+        self.assertNotIn("internal error", shown["error"])
 
     @inlineCallbacks
     def test_unknown_vm_and_no_guacd_for_ssh(self):  # type: ignore[no-untyped-def]

@@ -55,15 +55,27 @@ const STATUS_TEXT = {
     "The console token was refused: it expired or was already used. " +
     "Press Reconnect to get a new one.",
   0x0303: "You are not allowed to open this console.",
-  0x0308: "The connection timed out: nothing came from the browser for too long.",
+  0x0308: "The connection timed out: the browser sent or read nothing for too long.",
   0x030d: "The browser sent more data at once than the console server accepts.",
   0x030f: "The browser sent data of a kind the console server does not accept.",
   0x031d: "Too many consoles are open. Close one and try again.",
 };
 
-/** A Guacamole status code (and optional message) in words. */
-function statusText(code, message) {
-  const known = STATUS_TEXT[code];
+// Statuses whose meaning depends on whether the Guacamole tunnel had opened:
+// before it opened, the relay could not reach its own guacd (the console
+// service), not the VM.
+const STATUS_TEXT_BEFORE_OPEN = {
+  0x0207:
+    "The console server cannot reach its console service (guacd). " +
+    "Try again later; if it persists, tell the operator.",
+};
+
+/**
+ * A Guacamole status code (and optional message) in words; `beforeOpen`: the
+ * Guacamole tunnel closed before its first instruction.
+ */
+function statusText(code, message, beforeOpen = false) {
+  const known = (beforeOpen && STATUS_TEXT_BEFORE_OPEN[code]) || STATUS_TEXT[code];
   if (known) return `${known} (status ${code})`;
   if (code >= 0x0200 && code < 0x0300) return `The console server reported an error (status ${code}).`;
   if (code >= 0x0300) return `The console server refused the connection (status ${code}).`;
@@ -256,7 +268,8 @@ async function startGuacamole(token) {
   display.onresize = fit;
 
   const failed = (status) => {
-    if (!closed) showError(statusText(status.code, status.message));
+    // The relay sends the tunnel's UUID first: without one, it never opened.
+    if (!closed) showError(statusText(status.code, status.message, !tunnel.uuid));
   };
   tunnel.onerror = failed;
   client.onerror = failed;
