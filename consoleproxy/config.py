@@ -16,7 +16,8 @@ The keys, by section (see ``consoleproxy/examples/consoleproxy.toml``)::
     [tokens]    key_file, lifetime, spent_file
     [relay]     max_message_size, allowed_origins, allow_missing_origin,
                 max_sessions, max_sessions_per_user, idle_timeout,
-                session_timeout, ping_interval, upgrade_rate, upgrade_burst
+                session_timeout, ping_interval, stall_timeout, upgrade_rate,
+                upgrade_burst
     [api]       rate, burst (per client address)
     [operations] metrics_allow, audit_log, ready_timeout
     [rfb]       enabled (the raw VNC relay for noVNC), handshake_timeout
@@ -116,6 +117,7 @@ class Config:
     idle_timeout: float = field(default=0.0, metadata=_key("relay.idle_timeout"))
     session_timeout: float = field(default=0.0, metadata=_key("relay.session_timeout"))
     ping_interval: float = field(default=30.0, metadata=_key("relay.ping_interval"))
+    relay_stall_timeout: float = field(default=30.0, metadata=_key("relay.stall_timeout"))
     upgrade_rate: float = field(default=5.0, metadata=_key("relay.upgrade_rate"))
     upgrade_burst: int = field(default=60, metadata=_key("relay.upgrade_burst"))
     api_rate: float = field(default=2.0, metadata=_key("api.rate"))
@@ -285,12 +287,13 @@ class Config:
         _number(self, "api_rate", 0.001, 1000000, "requests per second")
         _whole(self, "api_burst", 1, 1000000, "requests")
         _number(self, "ready_timeout", 0.1, 60)
-        _whole(self, "max_connections_per_client", 1, 1000000)
-        _whole(self, "max_connections_per_frontend", 1, 1000000)
-        _whole(self, "descriptor_reserve", 16, 65536)
+        _whole(self, "max_connections_per_client", 1, 1000000, "connections")
+        _whole(self, "max_connections_per_frontend", 1, 1000000, "connections")
+        _whole(self, "descriptor_reserve", 16, 65536, "file descriptors")
         _number(self, "stall_timeout", 1, 3600)
-        _number(self, "upgrade_rate", 0.001, 1000000)
-        _whole(self, "upgrade_burst", 1, 1000000)
+        _number(self, "relay_stall_timeout", 0, 3600)
+        _number(self, "upgrade_rate", 0.001, 1000000, "upgrades per second")
+        _whole(self, "upgrade_burst", 1, 1000000, "upgrades")
         if not isinstance(self.allow_missing_origin, bool):
             raise ConfigError(self.key_of("allow_missing_origin"), "true or false")
         if not isinstance(self.audit_log, str):

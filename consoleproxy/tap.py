@@ -241,6 +241,7 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
         idle_timeout=config.idle_timeout,
         session_timeout=config.session_timeout,
         ping_interval=config.ping_interval,
+        stall_timeout=config.relay_stall_timeout,
         events=events,
         upgrade_limiter=RateLimiter(reactor, config.upgrade_rate, config.upgrade_burst),
     )

@@ -15,6 +15,7 @@ from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.error import ConnectError
+from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -95,6 +96,22 @@ class ConfigTests(SynchronousTestCase):
         self.assertConfigError("server.stall_timeout", "between", stall_timeout=0)
         self.assertConfigError("relay.upgrade_rate", "between", upgrade_rate=0)
         self.assertConfigError("relay.upgrade_burst", "whole number", upgrade_burst=1.5)
+        self.assertConfigError("relay.stall_timeout", "between", relay_stall_timeout=-1)
+
+    def test_relay_stall_timeout_reaches_both_relays(self) -> None:
+        directory = self.mktemp()
+        config = Config.load(
+            None,
+            {
+                "relay_stall_timeout": 7.0,
+                "key_file": os.path.join(directory, "keys"),
+                "inventory": write_inventory(directory),
+            },
+        )
+        self.assertEqual(Config.load().relay_stall_timeout, 30.0)
+        parts = tap.build_parts(config, MemoryReactorClock())
+        self.assertEqual(parts["relay"].policy.stall_timeout, 7.0)
+        self.assertEqual(parts["rfb"].policy.stall_timeout, 7.0)
 
     def test_bad_endpoints(self) -> None:
         for listen, words in (
