@@ -91,6 +91,15 @@ class Identity:
 
 
 @dataclass(frozen=True)
+class Listing:
+    """One VM a user may open, for the landing page: its id, name and console types."""
+
+    vm_id: int
+    name: str
+    types: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Console:
     """
     How guacd reaches one console of one VM.

@@ -44,6 +44,22 @@ class ICloud(Interface):
         """
 
 
+class IConsoleDirectory(Interface):
+    """
+    Lists the consoles a user may open (optional: the embedded inventory can,
+    OpenNebula's consoles are opened from Sunstone or FireEdge).
+    """
+
+    def listing(identity):  # type: ignore[no-untyped-def]
+        """
+        The user's VMs and their console types.
+
+        @param identity: the L{Identity} from the authenticator.
+        @return: a Deferred firing with a list of
+            L{consoleproxy.consoles.Listing}, by VM id.
+        """
+
+
 class ITunnels(Interface):
     """Decides how guacd reaches a console, and provides tunnels when needed."""
 

@@ -67,6 +67,7 @@ from consoleproxy.web.api import TokenApi
 from consoleproxy.web.assets import StaticFiles
 from consoleproxy.web.console_page import ConsoleModes, ConsolePage, GuacdProbe
 from consoleproxy.web.http_channel import HttpLimits
+from consoleproxy.web.landing import LandingPage
 from consoleproxy.web.site import ConsoleProxyWeb, Operations, build_site
 
 log = Logger()
@@ -283,6 +284,7 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
         RelayResource(relay),
         rfb=RfbRelayResource(rfb) if rfb is not None else None,
         page=ConsolePage(cloud, assets),
+        landing=LandingPage(cloud, cloud),
         modes=ConsoleModes(probe.reachable, rfb=rfb is not None),
         assets=assets,
         operations=Operations(

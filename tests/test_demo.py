@@ -120,6 +120,12 @@ class DemoTests(TestCase):
         status, _ = get(f"http://127.0.0.1:{self.port}/api/vm/0/guacamole/vnc", "demo:wrong")
         self.assertEqual(status, 401)
 
+    def test_landing_page_links_both_consoles(self) -> None:
+        status, body = get(f"http://127.0.0.1:{self.port}/")
+        self.assertEqual(status, 200)
+        self.assertIn(b'href="/console/0/vnc"', body)
+        self.assertIn(b'href="/console/1/ssh"', body)
+
     def test_demo_shell_takes_the_inventory_key_and_host_key(self) -> None:
         ssh = self.inventory()["vm"][1]["ssh"]
         directory = tempfile.mkdtemp(prefix="demo-ssh-")

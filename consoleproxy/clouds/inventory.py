@@ -39,9 +39,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from consoleproxy.clouds.passwords import PasswordVerifier
-from consoleproxy.consoles import CONSOLE_TYPES, Console, Identity
+from consoleproxy.consoles import CONSOLE_TYPES, Console, Identity, Listing
 from consoleproxy.errors import BadRequest, Forbidden, NotFound, Unauthenticated
-from consoleproxy.interfaces import IAuthenticator, ICloud
+from consoleproxy.interfaces import IAuthenticator, ICloud, IConsoleDirectory
 
 _PARAMETER_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 _USER_NAME = re.compile(r"[^\s:]{1,128}")
@@ -160,7 +160,7 @@ def _parse_console(entry: Mapping[str, Any], where: str) -> Mapping[str, str]:
     return parameters
 
 
-@implementer(IAuthenticator, ICloud)
+@implementer(IAuthenticator, ICloud, IConsoleDirectory)
 class InventoryCloud:
     """
     Users and VMs of an inventory file, re-read when the file changes.
@@ -267,6 +267,17 @@ class InventoryCloud:
         if parameters is None:
             raise BadRequest(f"VM {vm_id} has no {console_type} console")
         return succeed(Console(vm_id=vm_id, console_type=console_type, parameters=parameters))
+
+    def listing(self, identity: Identity) -> Deferred[list[Listing]]:
+        """The VMs this user may open, by id, with their console types."""
+        vms = self._current().vms.values()
+        return succeed(
+            [
+                Listing(vm.id, vm.name, tuple(t for t in CONSOLE_TYPES if t in vm.consoles))
+                for vm in sorted(vms, key=lambda vm: vm.id)
+                if identity.name in vm.users or ANYONE in vm.users
+            ]
+        )
 
 
 def parse_basic(authorization: bytes | None) -> tuple[str, str] | None:

@@ -100,7 +100,8 @@ _MESSAGE_PAGE = """<!DOCTYPE html>
 """
 
 
-def _page_headers(request: Request) -> None:
+def page_headers(request: Request) -> None:
+    """The headers of every HTML page: its type, no caching, the CSP, no sniffing."""
     request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
     request.setHeader(b"Cache-Control", b"no-store")
     request.setHeader(b"Content-Security-Policy", CONTENT_SECURITY_POLICY)
@@ -111,7 +112,7 @@ def _page_headers(request: Request) -> None:
 def message_page(request: Request, status: int, title: str, text: str, base: str = "") -> bytes:
     """A small HTML page that says what is wrong, in words."""
     request.setResponseCode(status)
-    _page_headers(request)
+    page_headers(request)
     return _MESSAGE_PAGE.format(
         title=html.escape(title), text=html.escape(text), base=html.escape(base)
     ).encode("utf-8")
@@ -154,7 +155,7 @@ class ConsolePage:
             )
         except ApiError as e:
             return message_page(request, e.status, e.title, e.message, base)
-        _page_headers(request)
+        page_headers(request)
         title = f"VM {vm_id} · {console_type.upper()} console"
         return _PAGE.format(
             title=html.escape(title),

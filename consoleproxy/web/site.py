@@ -9,6 +9,7 @@ console page with its static files::
     /api/console-modes              which relays the console page can use now
     /guacamole                      Guacamole WebSocket relay (subprotocol guacamole)
     /rfb                            raw VNC WebSocket relay (subprotocol binary)
+    /                               the landing page: the user's consoles (HTTP Basic)
     /console/<id>/<type>            the console page (HTTP Basic)
     /static/...                     the page's script, style and npm libraries
     /metrics                        Prometheus metrics (allowed networks only)
@@ -44,6 +45,7 @@ from consoleproxy.web.api import TokenApi
 from consoleproxy.web.assets import StaticFiles
 from consoleproxy.web.console_page import ConsoleModes, ConsolePage, not_enabled
 from consoleproxy.web.http_channel import HttpLimits, LimitedChannel
+from consoleproxy.web.landing import LandingPage
 
 _STATIC_PREFIXES = (b"/static/", b"/fireedge/static/")
 #: What a health-only connection (near the descriptor limit) may ask.
@@ -93,6 +95,7 @@ class ConsoleProxyWeb:
         page: ConsolePage | None = None,
         modes: ConsoleModes | None = None,
         assets: StaticFiles | None = None,
+        landing: LandingPage | None = None,
         operations: Operations | None = None,
     ) -> None:
         self.operations = operations or Operations()
@@ -102,6 +105,7 @@ class ConsoleProxyWeb:
         self.page = page
         self.modes = modes
         self.assets = assets
+        self.landing = landing
 
     @router.route("/api/vm/<vm_id>/guacamole/<console_type>")
     @router.route("/fireedge/api/vm/<vm_id>/guacamole/<console_type>")
@@ -165,6 +169,15 @@ class ConsoleProxyWeb:
         if self.modes is None:
             return not_enabled(request, "the console page")
         return self.modes.render(request)
+
+    @router.route("/")
+    def landing_page(self, request: Request) -> Any:
+        """Where a person who opens the server's address lands."""
+        if self.landing is None:
+            return not_enabled(request, "the landing page")
+        if self.landing.checks_passwords and (limited := self._limited(request, "page")):
+            return limited
+        return self.landing.render(request)
 
     @router.route("/console/<vm_id>/<console_type>")
     def console_page(self, request: Request, vm_id: str, console_type: str) -> Any:

@@ -20,6 +20,7 @@ from consoleproxy.tokens import KeyRing, TokenAuthority
 from consoleproxy.web.api import TokenApi
 from consoleproxy.web.assets import StaticFiles
 from consoleproxy.web.console_page import ConsoleModes, ConsolePage, GuacdProbe
+from consoleproxy.web.landing import LandingPage
 from consoleproxy.web.site import ConsoleProxyWeb, build_site
 from tests.helpers.support import quick_hash, synchronous_verifier, write_inventory
 
@@ -110,6 +111,7 @@ def start_console_server(
         RelayResource(relay),
         rfb=RfbRelayResource(rfb_relay) if rfb else None,
         page=ConsolePage(cloud, assets),
+        landing=LandingPage(cloud, cloud),
         modes=ConsoleModes(GuacdProbe(endpoint if guacd else None, reactor, ttl=0).reachable, rfb),
         assets=assets,
     )

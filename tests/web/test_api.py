@@ -100,7 +100,8 @@ class TokenApiTests(TestCase):
     @inlineCallbacks
     def test_unknown_path_and_method(self):  # type: ignore[no-untyped-def]
         yield self.assertRefused("/api/vm/7", ALICE, 404, "no such resource")
-        yield self.assertRefused("/", ALICE, 404, "no such resource")
+        yield self.assertRefused("/nothing-here", ALICE, 404, "no such resource")
+        yield self.assertRefused("/", ALICE, 404, "the landing page is not enabled")
 
     @inlineCallbacks
     def test_no_secret_in_logs(self):  # type: ignore[no-untyped-def]
