@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from consoleproxy.clouds.inventory import InventoryCloud, InventoryError
+from consoleproxy.clouds.logins import CheckPool, FailureBudget, default_workers
 from consoleproxy.clouds.opennebula.cloud import OpenNebulaCloud, is_loopback
 from consoleproxy.clouds.opennebula.console_settings import StatePolicy
 from consoleproxy.clouds.opennebula.oned import Oned, ServerAdmin
@@ -323,7 +324,19 @@ def build_cloud(config: Config, reactor: Any) -> Any:
         try:
             return InventoryCloud(
                 config.inventory,
-                PasswordVerifier(reactor, cache_seconds=config.password_cache),
+                PasswordVerifier(
+                    reactor,
+                    cache_seconds=config.password_cache,
+                    pool=CheckPool(
+                        reactor,
+                        config.password_workers or default_workers(),
+                        config.password_queue,
+                        config.password_queue_timeout,
+                    ),
+                    budget=FailureBudget(
+                        reactor, config.failed_login_rate, config.failed_login_burst
+                    ),
+                ),
                 clock=reactor,
             )
         except InventoryError as e:

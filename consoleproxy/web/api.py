@@ -20,10 +20,13 @@ from twisted.web.server import Request
 from consoleproxy.consoles import CONSOLE_TYPES, Console, Identity
 from consoleproxy.errors import ApiError, BadRequest, NotFound, Unauthenticated
 from consoleproxy.interfaces import IAuthenticator, ICloud
+from consoleproxy.net.ratelimit import retry_after
 from consoleproxy.net.routing import client_of, json_body
 from consoleproxy.tokens import TokenAuthority
 
 _MAX_VM_ID = 2**31 - 1  # oned's ids are C ints
+#: The HTTP Basic challenge of a 401 (the token API's and the console page's).
+CHALLENGE = b'Basic realm="consoleproxy", charset="UTF-8"'
 
 
 class TokenApi:
@@ -66,10 +69,7 @@ class TokenApi:
                 self.cloud.console, identity, number, console_type, zone
             )
         except ApiError as e:
-            if isinstance(e, Unauthenticated):
-                request.setHeader(
-                    b"WWW-Authenticate", b'Basic realm="consoleproxy", charset="UTF-8"'
-                )
+            refusal_headers(request, e)
             self.log.info(
                 "Token refused: {status} {why} (vm={vm} type={type} peer={peer})",
                 status=e.status,
@@ -91,6 +91,18 @@ class TokenApi:
             peer=str(client_of(request)),
         )
         return json_body(request, 200, "OK", token)
+
+
+def refusal_headers(request: Request, error: ApiError) -> None:
+    """
+    The headers a refusal carries: the Basic challenge of a 401, and
+    ``Retry-After`` when the error says when asking again may work (a busy
+    server: the password checks' queue is full or the failed-login budget spent).
+    """
+    if isinstance(error, Unauthenticated):
+        request.setHeader(b"WWW-Authenticate", CHALLENGE)
+    if error.retry_after is not None:
+        request.setHeader(b"Retry-After", str(retry_after(error.retry_after)).encode())
 
 
 def _vm_number(text: str) -> int:
