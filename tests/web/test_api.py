@@ -6,9 +6,22 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from tests.helpers.support import basic, get_json, start_server
+from consoleproxy.errors import Overloaded
+from consoleproxy.web.assets import StaticFiles
+from consoleproxy.web.console_page import ConsolePage
+from tests.helpers.support import basic, get_json, http_request, serve_web, start_server
 
 ALICE = basic("alice", "wonderland")
+
+
+class BusyCloud:
+    """An authenticator whose password checks are refused: the server is too busy."""
+
+    def authenticate(self, authorization: bytes | None) -> None:
+        raise Overloaded("the server is busy checking other passwords; retry in 3 s", 2.5)
+
+    def console(self, *args: object) -> None:
+        raise AssertionError("never reached")
 
 
 class TokenApiTests(TestCase):
@@ -113,3 +126,36 @@ class TokenApiTests(TestCase):
         self.assertRegex(text, r"Token issued: user=alice vm=7 type=vnc .*peer=127\.0\.0\.1")
         for secret in ("wonderland", "wr0ng", "vnc-secret", body["data"], ALICE.decode()):
             self.assertNotIn(secret, text)
+
+    @inlineCallbacks
+    def test_token_under_the_console_page(self):  # type: ignore[no-untyped-def]
+        # The console page asks here: below its own URL, where the browser sends the
+        # page's credentials with the first request (RFC 7617, 2.2).
+        for prefix in ("", "/fireedge"):
+            code, _, body = yield get_json(self.server.url(f"{prefix}/console/7/ssh/token"), ALICE)
+            self.assertEqual(code, 200)
+            claims = self.server.tokens.open(body["data"])
+            self.assertEqual((claims.console.vm_id, claims.console.console_type), (7, "ssh"))
+        headers = yield self.assertRefused("/console/7/vnc/token", None, 401, "credentials")
+        self.assertTrue(headers.hasHeader(b"www-authenticate"))
+        yield self.assertRefused("/console/7/vnc/token?zone=3", ALICE, 404, "zone 3")
+
+
+class BusyTests(TestCase):
+    """A password check the server cannot take now: 503, Retry-After, words; at once."""
+
+    @inlineCallbacks
+    def test_token_api_and_page(self):  # type: ignore[no-untyped-def]
+        server = yield start_server(self, cloud=BusyCloud())
+        code, headers, body = yield get_json(server.url("/api/vm/7/guacamole/vnc"), ALICE)
+        self.assertEqual((code, body["id"], body["message"]), (503, 503, "Service Unavailable"))
+        self.assertIn("busy checking other passwords", body["data"])
+        self.assertEqual(headers.getRawHeaders(b"retry-after"), [b"3"])
+        self.assertFalse(headers.hasHeader(b"www-authenticate"))
+        port = yield serve_web(self, server, page=ConsolePage(BusyCloud(), StaticFiles()))
+        code, headers, page = yield http_request(
+            port, "/console/7/vnc", headers={b"Authorization": ALICE}
+        )
+        self.assertEqual(code, 503)
+        self.assertEqual(headers.getRawHeaders(b"retry-after"), [b"3"])
+        self.assertIn(b"busy checking other passwords", page)
