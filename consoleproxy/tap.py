@@ -244,7 +244,7 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
     assets = StaticFiles(config.node_modules or None)
     probe = GuacdProbe(guacd_endpoint if config.has_guacd else None, reactor)
     web = ConsoleProxyWeb(
-        TokenApi(cloud, cloud, tokens, rfb_tokens),
+        TokenApi(cloud, cloud, tokens, rfb_tokens, clock=reactor),
         RelayResource(relay),
         rfb=RfbRelayResource(rfb) if rfb is not None else None,
         page=ConsolePage(cloud, assets),

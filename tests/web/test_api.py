@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
 
 from consoleproxy.errors import Overloaded
+from consoleproxy.tokens import KeyRing, TokenAuthority
+from consoleproxy.web.api import TokenApi
 from consoleproxy.web.assets import StaticFiles
 from consoleproxy.web.console_page import ConsolePage
+from consoleproxy.web.site import ConsoleProxyWeb, build_site
 from tests.helpers.support import basic, get_json, http_request, serve_web, start_server
 
 ALICE = basic("alice", "wonderland")
@@ -159,3 +168,29 @@ class BusyTests(TestCase):
         self.assertEqual(code, 503)
         self.assertEqual(headers.getRawHeaders(b"retry-after"), [b"3"])
         self.assertIn(b"busy checking other passwords", page)
+
+    @inlineCallbacks
+    def test_busy_refusals_logged_once_in_a_while(self):  # type: ignore[no-untyped-def]
+        clock = Clock()
+        tokens = TokenAuthority(KeyRing([os.urandom(32)]), clock)
+        web = ConsoleProxyWeb(TokenApi(BusyCloud(), BusyCloud(), tokens, clock=clock), Resource())
+        listening = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+            build_site(web, reactor)
+        )
+        self.addCleanup(listening.stopListening)
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        port = listening.getHost().port
+        for _ in range(5):
+            code, headers, _ = yield http_request(
+                port, "/api/vm/7/guacamole/vnc", headers={b"Authorization": ALICE}
+            )
+            self.assertEqual((code, headers.getRawHeaders(b"retry-after")), (503, [b"3"]))
+        clock.advance(TokenApi.BUSY_LOG_INTERVAL)
+        yield http_request(port, "/api/vm/7/guacamole/vnc", headers={b"Authorization": ALICE})
+        lines = [formatEvent(e) for e in events if "Token refused" in formatEvent(e)]
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("busy checking other passwords", lines[0])
+        self.assertNotIn("more refused", lines[0])
+        self.assertIn("; 4 more refused as busy since the last such line", lines[1])
