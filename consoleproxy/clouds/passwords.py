@@ -8,9 +8,9 @@ clients (L{consoleproxy.clouds.logins}: beyond them, 503 with
 ``Retry-After``, at once).  Unknown users are checked against a dummy hash
 so that a wrong user name costs as much time as a wrong password.
 
-A successful check is remembered for a short while (C{cache_seconds}), so
-that a user opening console after console pays for Argon2 once, not per
-token.  What is remembered is an HMAC, under a key made at start-up and
+A successful check is remembered for a short while (C{cache_seconds} after
+its last use), so that a user opening console after console pays for Argon2
+once, not per token.  What is remembered is an HMAC, under a key made at start-up and
 never stored, of the hash and the password: no password is kept, a changed
 hash in the inventory no longer matches, and failures are never remembered
 (the rate limits and the failed-login budget are their answer).  A
@@ -68,7 +68,8 @@ class PasswordVerifier:
 
     @param run_in_thread: C{f(callable, *args) -> Deferred}; by default the
         reactor's thread pool.
-    @param cache_seconds: how long a successful check is remembered; 0: never.
+    @param cache_seconds: how long a successful check is remembered after its
+        last use; 0: never.
     @param concurrency: checks running at once (when no C{pool} is given).
     @param pool: runs the checks: C{concurrency} workers and a queue of
         L{DEFAULT_QUEUE} waiting at most L{DEFAULT_QUEUE_TIMEOUT} s by default.
@@ -122,6 +123,10 @@ class PasswordVerifier:
         now = self._clock.seconds()
         expires = self._remembered.get(mac)
         if expires is not None and expires > now:
+            # Remembered since its last use: a user who keeps working is not checked again
+            # (nor refused when the failed-login budget is spent), however long the session.
+            self._remembered[mac] = now + self._cache_seconds
+            self._remembered.move_to_end(mac)
             return succeed(True)
         waiting = self._checking.get(mac)
         if waiting is not None:
