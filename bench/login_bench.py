@@ -12,7 +12,7 @@ in another process (asyncio, keep-alive HTTP/1.1) that, step by step:
     address (so the per-address rate limit never helps) and each a different
     password (so no two checks are shared);
   - asks a token as ``alice``, whose login is remembered (``password_cache``),
-    ten times a second, timing each answer;
+    twenty times a second, timing each answer;
   - in the middle of the step, logs in once as a user never seen before (the
     right password: a login that needs an Argon2 check).
 
@@ -56,8 +56,10 @@ from consoleproxy.clouds.passwords import hash_password
 PASSWORD = "bench-password"
 TOKEN_PATH = "/api/vm/1/guacamole/vnc"
 #: The logged-in user's token requests a second, and the bound they should stay under.
-USER_RATE = 10.0
+USER_RATE = 20.0
 GOAL_SECONDS = 0.100
+#: The slowest answer (p99) to a wrong password that still counts as absorbed.
+ANSWER_BOUND = 5.0
 #: Most connections the load generator keeps open (beyond: an offer it could not send).
 MAX_CONNECTIONS = 256
 CONFIGURATIONS: dict[str, dict[str, Any]] = {
@@ -295,6 +297,7 @@ def measure(name: str, steps: tuple[int, ...], duration: float) -> dict[str, Any
     server = start_server(directory, settings, users=len(steps))
     port = server.port  # type: ignore[attr-defined]
     results: list[dict[str, Any]] = []
+    stopped = ""
     try:
         # alice logs in once: from now on her login is remembered.
         warm = asyncio.run(Connection(port).ask(basic("alice", PASSWORD), "198.51.100.250"))
@@ -328,12 +331,14 @@ def measure(name: str, steps: tuple[int, ...], duration: float) -> dict[str, Any
             results.append(step)
             print(f"  {name}: {brief(step)}", flush=True)
             if step["user_p99_s"] > 1.0 or step["attack_p99_s"] > 30:
-                break  # far past the goal: the next steps say nothing more
+                # Far past the goal: the next steps say nothing more.
+                stopped = "answers took over 30 s (p99) or the user's p99 passed 1 s"
+                break
             time.sleep(2)  # the budget refills, queues drain
     finally:
         server.terminate()
         server.wait(timeout=20)
-    return {"settings": settings, "steps": results}
+    return {"settings": settings, "steps": results, "stopped": stopped}
 
 
 def brief(step: dict[str, Any]) -> str:
@@ -348,14 +353,35 @@ def brief(step: dict[str, Any]) -> str:
     )
 
 
+def absorbed_step(step: dict[str, Any]) -> bool:
+    """
+    Whether the server absorbed a step: every wrong password sent and answered
+    (p99 within L{ANSWER_BOUND}), and the logged-in user always served, p99 under
+    L{GOAL_SECONDS}.
+    """
+    return (
+        step["unsent"] == 0
+        and "0" not in step["statuses"]
+        and step["attack_p99_s"] <= ANSWER_BOUND
+        and step["user_statuses"] == {"200": step["user_requests"]}
+        and step["user_p99_s"] < GOAL_SECONDS
+    )
+
+
 def absorbed(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The busiest step whose user p99 met the goal (and every answer came)."""
-    good = [
-        s
-        for s in steps
-        if s["user_p99_s"] < GOAL_SECONDS and s["user_statuses"] == {"200": s["user_requests"]}
-    ]
-    return max(good, key=lambda s: s["answered_per_s"], default=None)
+    """The busiest step the server absorbed."""
+    good = [s for s in steps if absorbed_step(s)]
+    return max(good, key=lambda s: s["offered_per_s"], default=None)
+
+
+def absorbed_throughout(steps: list[dict[str, Any]]) -> float:
+    """The offered rate up to which every step was absorbed (0: not even the first)."""
+    rate = 0.0
+    for step in steps:
+        if not absorbed_step(step):
+            break
+        rate = step["offered_per_s"]
+    return rate
 
 
 def report(results: dict[str, Any]) -> str:
@@ -394,15 +420,24 @@ def report(results: dict[str, Any]) -> str:
         best = absorbed(run["steps"])
         lines.append("")
         if best is None:
-            lines.append("No step kept the logged-in user's p99 under 100 ms.")
-        else:
-            checked = best["statuses"].get("401", 0) / best["elapsed_s"]
             lines.append(
-                f"Absorbed: {best['answered_per_s']:.0f} failed logins/s answered "
-                f"({checked:.1f}/s of them Argon2-checked) with the logged-in user's token "
-                f"request at p50 {1000 * best['user_p50_s']:.1f} ms, "
-                f"p99 {1000 * best['user_p99_s']:.1f} ms."
+                "Absorbed: no step (every wrong password answered, p99 within "
+                f"{ANSWER_BOUND:g} s, and the logged-in user's p99 under 100 ms)."
             )
+        else:
+            checked = best["statuses"].get("401", 0) / best["offered_for_s"]
+            lines.append(
+                f"Absorbed: {best['offered_per_s']:g} failed logins/s, every one answered "
+                f"(p99 {best['attack_p99_s']:.2f} s; {checked:.1f}/s of them Argon2-checked), "
+                "while the logged-in user's token requests took "
+                f"p50 {1000 * best['user_p50_s']:.1f} ms, p99 {1000 * best['user_p99_s']:.1f} ms."
+            )
+            lines.append(
+                f"Every step up to {absorbed_throughout(run['steps']):g}/s was absorbed "
+                "(other cores: what the rest of the machine took meanwhile)."
+            )
+        if run.get("stopped"):
+            lines.append(f"Stopped after this step: {run['stopped']}.")
         lines.append("")
     return "\n".join(lines)
 
@@ -419,8 +454,16 @@ def main() -> None:
         default="",
         help=f"comma-separated of {', '.join(CONFIGURATIONS)}; print, write nothing",
     )
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite logins.md from logins.json"
+    )
     parser.add_argument("--steps", default="", help="comma-separated offered rates (per second)")
     args = parser.parse_args()
+    if args.report_only:
+        (RESULTS / "logins.md").write_text(
+            report(json.loads((RESULTS / "logins.json").read_text()))
+        )
+        return
     steps, duration = (QUICK_STEPS, 5.0) if args.quick else (STEPS, 10.0)
     if args.steps:
         steps = tuple(int(rate) for rate in args.steps.split(","))
