@@ -112,7 +112,7 @@ class LoginLoadTests(TestCase):
         self.assertLess(slowest, ANSWER_BOUND, "a password check waited too long")
         # The logged-in user: no Argon2 for her, and the reactor kept answering.
         self.assertLess(statistics.median(timings), 0.1, timings)
-        self.assertLess(max(timings), 0.3, timings)
+        self.assertLess(max(timings), 0.5, timings)  # one slow turn of a busy machine at most
 
     @inlineCallbacks
     def test_budget_spent_logged_in_user_still_served(self):  # type: ignore[no-untyped-def]
