@@ -25,7 +25,6 @@ seconds.  Here:
 
 from __future__ import annotations
 
-import math
 import os
 from collections import deque
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from consoleproxy.errors import Overloaded
+from consoleproxy.net.ratelimit import retry_after
 
 T = TypeVar("T")
 
@@ -53,11 +53,6 @@ def default_workers() -> int:
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
     return max(1, min(4, cores // 2))
-
-
-def whole_seconds(seconds: float) -> int:
-    """Whole seconds for a message or ``Retry-After`` (at least 1)."""
-    return max(1, math.ceil(seconds))
 
 
 @dataclass
@@ -104,7 +99,7 @@ class CheckPool:
             return fail(
                 Overloaded(
                     "the server is busy checking other passwords; "
-                    f"retry in {whole_seconds(self.queue_timeout)} s",
+                    f"retry in {retry_after(self.queue_timeout)} s",
                     retry_after=self.queue_timeout,
                 )
             )
@@ -136,7 +131,7 @@ class CheckPool:
         entry.result.errback(
             Overloaded(
                 "the server is too busy checking passwords: "
-                f"waited {self.queue_timeout:g} s; retry in {whole_seconds(self.queue_timeout)} s",
+                f"waited {self.queue_timeout:g} s; retry in {retry_after(self.queue_timeout)} s",
                 retry_after=self.queue_timeout,
             )
         )
@@ -187,6 +182,6 @@ class FailureBudget:
         """The error of a check refused because the budget is spent."""
         return Overloaded(
             "too many failed logins on this server just now; new logins are refused for a "
-            f"while: retry in {whole_seconds(wait)} s",
+            f"while: retry in {retry_after(wait)} s",
             retry_after=wait,
         )
