@@ -4,7 +4,7 @@ logged-in user's token requests stay under 100 ms (issue 13, item 6).
 
 ``bench/run logins`` (or ``PYTHONPATH=. .venv/bin/python bench/login_bench.py``)
 starts consoleproxy under twistd with an inventory of real Argon2 hashes
-(argon2-cffi's default cost, as ``consoleproxy-passwd`` makes them) behind a
+(argon2-cffi's default cost, as ``consoleproxy passwd`` makes them) behind a
 trusted frontend (``X-Forwarded-For`` from 127.0.0.1), then a load generator
 in another process (asyncio, keep-alive HTTP/1.1) that, step by step:
 
@@ -390,7 +390,7 @@ def report(results: dict[str, Any]) -> str:
         "# Login benchmark",
         "",
         f"{results['date']}; {results['machine']}; {results['duration_s']:g} s per step.",
-        "Argon2id at argon2-cffi's default cost (t=3, m=64 MiB, p=4), as consoleproxy-passwd "
+        "Argon2id at argon2-cffi's default cost (t=3, m=64 MiB, p=4), as consoleproxy passwd "
         f"makes it; `default_workers()` here: {results['default_workers']}.",
         "Wrong passwords offered at a fixed rate, each from another address through a trusted "
         "frontend (the per-address limit never bites) and each a different password; a logged-in "

@@ -193,7 +193,8 @@ class Fleet:
         if "stdout" not in kwargs:
             kwargs["stdout"] = (self.directory / f"{name}.log").open("w")
             kwargs["stderr"] = subprocess.STDOUT
-        process = subprocess.Popen(args, cwd=ROOT, **kwargs)
+        kwargs.setdefault("cwd", ROOT)
+        process = subprocess.Popen(args, **kwargs)
         self.processes[name] = process
         return process
 
@@ -223,10 +224,23 @@ class Fleet:
         assert process.stdout is not None
         return dict(json.loads(process.stdout.readline()))
 
-    def start_consoleproxy(self, guacd_port: int, rfb_port: int) -> int:
-        """consoleproxy under twistd with a bench configuration; its port."""
+    def start_consoleproxy(
+        self,
+        guacd_port: int,
+        rfb_port: int,
+        source: Path = ROOT,
+        name: str = "consoleproxy",
+        lifts: str = "",
+    ) -> int:
+        """
+        consoleproxy under twistd with a bench configuration; its port.
+
+        C{source} is the tree it runs from (another revision for C{--baseline}),
+        C{lifts} configuration lines that lift that revision's own per-client limits.
+        """
         port = free_port()
-        d = self.directory
+        d = self.directory / name.replace(" ", "-").replace("@", "-")
+        d.mkdir(exist_ok=True)
         quick = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1).hash(PASSWORD)
         vms = []
         for workload, vm in WORKLOAD_VMS.items():
@@ -254,16 +268,17 @@ class Fleet:
             "max_sessions = 1000000\nmax_sessions_per_user = 1000000\n"
             "[api]\nrate = 1000000.0\nburst = 1000000\n"
             f'[inventory]\npath = "{d / "inventory.toml"}"\n'
-            f'[tunnels]\nknown_hosts = "{d / "known_hosts"}"\n'
+            f'[tunnels]\nknown_hosts = "{d / "known_hosts"}"\n' + lifts
         )
         twistd = ROOT / ".venv" / "bin" / "twistd"
         args = [str(twistd), "-n", "--pidfile=", "-l", str(d / "consoleproxy-twistd.log")]
         process = self.spawn(
-            "consoleproxy",
+            name,
             [*args, "consoleproxy", "--config", str(config)],
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": str(source)},
+            cwd=source,
         )
-        wait_port(port, process, "consoleproxy")
+        wait_port(port, process, name)
         return port
 
     def start_guacamole_lite(self, guacd_port: int, key: str) -> int:
@@ -293,14 +308,28 @@ class Fleet:
 class Bench:
     """Runs the load generator against each target; gathers the figures."""
 
-    def __init__(self, plan: Plan, fleet: Fleet, targets: dict[str, dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        fleet: Fleet,
+        targets: dict[str, dict[str, Any]],
+        baseline: str | None = None,
+    ) -> None:
         self.plan = plan
         self.fleet = fleet
         self.targets = targets
         self.loadgen = str(BENCH / "loadgen.js")
+        #: The target name of consoleproxy at the --baseline revision, if any.
+        self.baseline = baseline
+
+    def ours(self) -> list[str]:
+        """consoleproxy, and beside it the same at the --baseline revision."""
+        return ["consoleproxy", *([self.baseline] if self.baseline else [])]
 
     def relay_pid(self, target: str) -> int | None:
         """The process doing the relaying for C{target}, if it is one of ours."""
+        if target == self.baseline:
+            return self.fleet.pid(target)
         name = {
             "consoleproxy": "consoleproxy",
             "consoleproxy /rfb": "consoleproxy",
@@ -382,7 +411,7 @@ class Bench:
             for workload in ("blob", "small")
             for sessions in (1, 20)
         ]
-        return self.rounds("throughput", cases, ["consoleproxy", "guacamole-lite", "direct TCP"])
+        return self.rounds("throughput", cases, [*self.ours(), "guacamole-lite", "direct TCP"])
 
     def latency(self) -> dict[str, Any]:
         """Round trips browser -> guacd echo -> browser, with 1 and 100 sessions."""
@@ -408,7 +437,7 @@ class Bench:
                 },
             ),
         ]
-        return self.rounds("latency", cases, ["consoleproxy", "guacamole-lite", "direct TCP"])
+        return self.rounds("latency", cases, [*self.ours(), "guacamole-lite", "direct TCP"])
 
     def rfb(self) -> dict[str, Any]:
         """Raw VNC: the same FramebufferUpdate stream through /rfb and websockify."""
@@ -434,7 +463,7 @@ class Bench:
         """
         p = self.plan
         results: dict[str, dict[str, list[dict[str, Any]]]] = {}
-        targets = ("consoleproxy, Argon2 user", "consoleproxy", "guacamole-lite", "direct TCP")
+        targets = ("consoleproxy, Argon2 user", *self.ours(), "guacamole-lite", "direct TCP")
         for number in range(p.runs):
             for concurrency in SETUP_CONCURRENCY:
                 for target in targets:
@@ -920,15 +949,65 @@ def collect_checks(results: dict[str, Any]) -> tuple[list[str], float]:
 
 
 SECTIONS = ("capacity", "setup", "throughput", "latency", "rfb", "profile")
+#: Configuration lines that lift limits of the current revision which would otherwise
+#: measure themselves here (one client address opens every session).
+LIFTS = ""
+
+
+def checkout(revision: str, directory: Path) -> Path:
+    """The tree of C{revision} (git archive), for a --baseline instance."""
+    tree = directory / f"tree-{revision}"
+    tree.mkdir()
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", revision],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
+def compare(results: dict[str, Any], baseline: str) -> str:
+    """A Markdown table: each case's median, this tree against the --baseline revision."""
+    other = f"consoleproxy@{baseline}"
+    figures = {
+        "setup": ("rate", "sessions set up/s", True),
+        "throughput": ("mbps", "MB/s", True),
+        "latency": ("p99_us", "p99 round trip (µs)", False),
+    }
+    lines = [
+        f"| section | case | figure | this tree | {baseline} | this / {baseline} |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for section, (key, label, _) in figures.items():
+        for case, by_target in results.get(section, {}).items():
+            if other not in by_target or "consoleproxy" not in by_target:
+                continue
+            ours, theirs = med(by_target["consoleproxy"], key), med(by_target[other], key)
+            lines.append(
+                f"| {section} | {case} | {label} | {ours:.4g} | {theirs:.4g} "
+                f"| {ratio(ours, theirs)} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def measure(
-    plan: Plan, fleet: Fleet, peers: Path, only: tuple[str, ...] = SECTIONS
+    plan: Plan,
+    fleet: Fleet,
+    peers: Path,
+    only: tuple[str, ...] = SECTIONS,
+    baseline: tuple[str, Path] | None = None,
 ) -> dict[str, Any]:
-    """Start every process, take every figure (or those of the sections in C{only})."""
+    """
+    Start every process, take every figure (or those of the sections in C{only}).
+
+    C{baseline}, a revision and the tree checked out at it, adds that
+    consoleproxy as one more target of the setup, throughput and latency cases.
+    """
     key = secrets.token_hex(16)  # 32 characters: an AES-256 key, as guacamole-lite takes it
     fakes = fleet.start_fakes()
-    cp_port = fleet.start_consoleproxy(fakes["guacd"], fakes["rfb"])
+    cp_port = fleet.start_consoleproxy(fakes["guacd"], fakes["rfb"], lifts=LIFTS)
     gl_port = fleet.start_guacamole_lite(fakes["guacd"], key)
     ws_port = fleet.start_websockify(fakes["rfb"])
     consoleproxy = {
@@ -947,7 +1026,14 @@ def measure(
         "websockify": {"kind": "websockify", "port": ws_port},
         "direct TCP (VNC)": {"kind": "rfb-direct", "rfb": fakes["rfb"]},
     }
-    bench = Bench(plan, fleet, targets)
+    base_name = None
+    if baseline is not None:
+        base_name = f"consoleproxy@{baseline[0]}"
+        base_port = fleet.start_consoleproxy(
+            fakes["guacd"], fakes["rfb"], source=baseline[1], name=base_name
+        )
+        targets[base_name] = {**consoleproxy, "port": base_port}
+    bench = Bench(plan, fleet, targets, base_name)
     results: dict[str, Any] = {"plan": asdict(plan)}
     # Capacity first: RSS is measured before any stream has grown the heaps.
     if "capacity" in only:
@@ -974,6 +1060,22 @@ def measure(
     return results
 
 
+def run_only(args: argparse.Namespace) -> None:
+    """C{--only}: some sections, printed as JSON (and the --baseline comparison)."""
+    only = tuple(args.only.split(","))
+    directory = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    fleet = Fleet(args.peers, directory)
+    baseline = (args.baseline, checkout(args.baseline, directory)) if args.baseline else None
+    try:
+        partial = measure(QUICK if args.quick else FULL, fleet, args.peers, only, baseline)
+    finally:
+        fleet.stop()
+    print(json.dumps(partial, indent=1))
+    if args.baseline:
+        write_comparison(partial, args.baseline, QUICK if args.quick else FULL)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 def main() -> None:
     """Run everything; write the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -983,20 +1085,19 @@ def main() -> None:
         "--report-only", action="store_true", help="rewrite relay.md and relay.png from relay.json"
     )
     parser.add_argument(
+        "--baseline",
+        default="",
+        help="a git revision: run consoleproxy at it beside this tree (setup, throughput, "
+        "latency) and write results/baseline.md",
+    )
+    parser.add_argument(
         "--only",
         default="",
         help=f"comma-separated sections of {', '.join(SECTIONS)}: print them, write nothing",
     )
     args = parser.parse_args()
     if args.only:
-        only = tuple(args.only.split(","))
-        directory = Path(tempfile.mkdtemp(prefix="relay-bench-"))
-        fleet = Fleet(args.peers, directory)
-        try:
-            partial = measure(QUICK if args.quick else FULL, fleet, args.peers, only)
-        finally:
-            fleet.stop()
-        print(json.dumps(partial, indent=1))
+        run_only(args)
         return
     if args.report_only:
         write_report(json.loads((RESULTS / "relay.json").read_text()), args.peers)
@@ -1016,8 +1117,9 @@ def main() -> None:
     directory = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     os.chmod(directory, 0o700)
     fleet = Fleet(args.peers, directory)
+    baseline = (args.baseline, checkout(args.baseline, directory)) if args.baseline else None
     try:
-        results = measure(plan, fleet, args.peers)
+        results = measure(plan, fleet, args.peers, baseline=baseline)
         results["quick"] = args.quick
     finally:
         fleet.stop()
@@ -1035,6 +1137,28 @@ def main() -> None:
     (RESULTS / "relay.json").write_text(json.dumps(results, indent=1) + "\n")
     shutil.rmtree(directory, ignore_errors=True)
     write_report(results, args.peers)
+    if args.baseline:
+        write_comparison(results, args.baseline, plan)
+
+
+def write_comparison(results: dict[str, Any], baseline: str, plan: Plan) -> None:
+    """results/baseline.md: this tree against the --baseline revision, from one run."""
+    head = subprocess.run(
+        ["git", "describe", "--always", "--dirty"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    text = (
+        f"# consoleproxy {head} against {baseline}, in one run\n\n"
+        f"Medians of {plan.runs} rounds ({'quick' if plan is QUICK else 'full'} plan); "
+        f"both instances ran on this machine with the same configuration, one measured at "
+        f"a time.  Written by `bench/run --baseline {baseline}`.\n\n" + compare(results, baseline)
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "baseline.md").write_text(text)
+    print(text)
 
 
 def write_report(results: dict[str, Any], peers: Path) -> None:

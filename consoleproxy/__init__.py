@@ -7,8 +7,9 @@ relays the session.  The folders follow the data, top to bottom; a module may
 import its own package and the layers below it, never one above or beside it:
 
 =====================  ====================================================
-``tap``, ``config``     the composition root: options, configuration, the
-                        service tree (imports everything)
+``tap``, ``config``,    the composition root: options, configuration, the
+``cli``                 service tree, the ``consoleproxy`` command
+                        (imports everything)
 ``ops/``                metrics, health endpoints, the audit log
 ``web/``,               the HTTP front: site, token API, console page;
 ``relay/``              the WebSocket relays (Guacamole, raw VNC), sessions,

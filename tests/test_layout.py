@@ -20,7 +20,7 @@ PACKAGE = os.path.join(ROOT, "consoleproxy")
 
 #: Units by layer, top first.  A unit is a subpackage or a group of top modules.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("root",),  # tap, config
+    ("root",),  # tap, config, the command line (cli, preflight, __main__)
     ("ops",),
     ("web", "relay"),
     ("clouds", "tunnels"),
@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("guacamole",),
     ("net",),
 )
-ROOT_MODULES = frozenset({"tap", "config", "__init__"})
+ROOT_MODULES = frozenset({"tap", "config", "cli", "preflight", "__main__", "__init__"})
 CORE_MODULES = frozenset({"tokens", "consoles", "interfaces", "errors"})
 RANK = {unit: len(LAYERS) - i for i, units in enumerate(LAYERS) for unit in units}
 

@@ -9,7 +9,7 @@ broken edit keeps the previous contents in force and is logged.
 Format (see ``consoleproxy/examples/inventory.toml``)::
 
     [users.alice]
-    password_hash = "$argon2id$..."     # from consoleproxy-passwd
+    password_hash = "$argon2id$..."     # from consoleproxy passwd
 
     [[vm]]
     id = 7
@@ -94,7 +94,7 @@ class Inventory:
             password_hash = entry.get("password_hash")
             if not isinstance(password_hash, str) or not password_hash.startswith("$argon2"):
                 raise InventoryError(
-                    f"{where}.password_hash: an Argon2 hash is required (consoleproxy-passwd)"
+                    f"{where}.password_hash: an Argon2 hash is required (consoleproxy passwd)"
                 )
             users[name] = password_hash
         vms: dict[int, _VM] = {}

@@ -17,16 +17,14 @@ hash in the inventory no longer matches, and failures are never remembered
 remembered login costs no check, so it is never queued nor refused for want
 of budget: a user who is logged in keeps working while others hammer.
 
-``consoleproxy-passwd`` prints a hash for the inventory file.
+``consoleproxy passwd`` prints a hash for the inventory file.
 """
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import hmac
 import os
-import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -169,24 +167,3 @@ class PasswordVerifier:
             return outcome
 
         return self.pool.run(self._run, verify_password, password_hash, password).addBoth(settle)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``consoleproxy-passwd``: read a password (twice on a terminal), print its hash."""
-    del argv
-    if sys.stdin.isatty():
-        password = getpass.getpass("Password: ")
-        if password != getpass.getpass("Again: "):
-            print("consoleproxy-passwd: the passwords differ", file=sys.stderr)
-            return 1
-    else:
-        password = sys.stdin.readline().rstrip("\n")
-    if not password:
-        print("consoleproxy-passwd: empty password", file=sys.stderr)
-        return 1
-    print(hash_password(password))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.web.http import datetimeToLogString
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -205,16 +204,19 @@ class _WithStatic(Resource):
 
 
 def access_log_line(timestamp: str, request: Request) -> str:
-    """A combined-log-format line with the path only: never the query string."""
+    """
+    A combined-log-format line with the path only (never the query string), and
+    without the format's own timestamp: every log line is stamped already (by
+    twistd, in the JSON record, or by the journal).
+    """
 
     def quote(value: bytes | None) -> str:
         text = (value or b"-").decode("ascii", "replace")
         return text.replace("\\", "\\\\").replace('"', '\\"')
 
     return (
-        '"{ip}" - - {time} "{method} {path} {proto}" {code} {length} "{referrer}" "{agent}"'.format(
+        '"{ip}" - - "{method} {path} {proto}" {code} {length} "{referrer}" "{agent}"'.format(
             ip=client_of(request).host,
-            time=timestamp or datetimeToLogString(),
             method=quote(request.method),
             path=quote(request.path),
             proto=quote(request.clientproto),
