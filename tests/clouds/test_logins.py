@@ -200,6 +200,10 @@ class UnboundedBeforeTests(SynchronousTestCase):
         hasher = FakeHasher()
         verifier = PasswordVerifier(Clock(), concurrency=2, run_in_thread=hasher)
         answers = [verifier.verify("$argon2id$x", f"wrong{i}") for i in range(100)]
+        refused: list[Any] = []
+        for d in answers:
+            d.addErrback(lambda f: refused.append(f) or f)
+        self.assertTrue(refused, "100 checks for 2 workers, and none refused: no bound")
         bound = 2 + PasswordVerifier.DEFAULT_QUEUE
         for d in answers[:bound]:
             self.assertNoResult(d)
