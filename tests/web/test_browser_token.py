@@ -60,6 +60,7 @@ class FirstTokenRequestTests(TestCase):
             }
         )
         parts = build_parts(config, reactor)
+        self.table = parts["table"]
         listening = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
             parts["site"]
         )
@@ -116,3 +117,20 @@ class FirstTokenRequestTests(TestCase):
         lines = [formatEvent(event) for event in self.events]
         self.assertEqual([line for line in lines if "Token refused" in line], [])
         self.assertEqual(len([line for line in lines if line.startswith("Token issued")]), 3)
+
+    @inlineCallbacks
+    def test_busy_server_says_when_to_try_again(self):  # type: ignore[no-untyped-def]
+        # A 503 with Retry-After (here: draining; likewise a full queue of password checks
+        # or a spent failed-login budget) is shown with when to press Reconnect.
+        self.table.draining = True
+        self.addCleanup(setattr, self.table, "draining", False)
+        opened = yield self.browser.command(
+            "open",
+            url=f"http://127.0.0.1:{self.port}/console/7/vnc",
+            user="alice",
+            password="wonderland",
+        )
+        self.assertEqual(opened["status"], 200)
+        shown = yield self.browser.command("wait_state", states=["error"], timeout=15000)
+        self.assertIn("cannot take this request now: the server is shutting down.", shown["error"])
+        self.assertIn("Press Reconnect in 30 s.", shown["error"])

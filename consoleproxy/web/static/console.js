@@ -122,7 +122,10 @@ async function api(path) {
 function describeApiError(status, detail, retryAfter) {
   const why = detail ? `: ${detail}` : ".";
   if (status === 503 && retryAfter) {
-    return `The console server is too busy to check your password now${why} Press Reconnect then.`;
+    // Busy (password checks queued, failed-login budget spent) or shutting down: say when.
+    const when = /^\d+$/.test(retryAfter) ? `in ${retryAfter} s` : "in a moment";
+    const reason = detail ? `: ${detail}.` : ".";
+    return `The console server cannot take this request now${reason} Press Reconnect ${when}.`;
   }
   switch (status) {
     case 400:
