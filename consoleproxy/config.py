@@ -23,7 +23,8 @@ The keys, by section (see ``consoleproxy/examples/consoleproxy.toml``)::
     [rfb]       enabled (the raw VNC relay for noVNC), handshake_timeout
     [console]   node_modules (where npm installed the page's libraries)
     [cloud]     backend ("inventory" or "opennebula")
-    [inventory] path, password_cache
+    [inventory] path, password_cache, password_workers, password_queue,
+                password_queue_timeout, failed_login_rate, failed_login_burst
     [federation] origin, trust_roots, timeout, zone_refresh
     [zones.<id>] url
     [tunnels]   default, user, ssh_port, keys, passphrase_file, agent,
@@ -135,6 +136,15 @@ class Config:
         default_factory=lambda: example_path("inventory.toml"), metadata=_key("inventory.path")
     )
     password_cache: float = field(default=60.0, metadata=_key("inventory.password_cache"))
+    # Bounds on Argon2 work (clouds/logins.py): checks at once (0: half the cores, 1 to 4),
+    # checks waiting and for how long, failed logins a second over all clients, and at once.
+    password_workers: int = field(default=0, metadata=_key("inventory.password_workers"))
+    password_queue: int = field(default=16, metadata=_key("inventory.password_queue"))
+    password_queue_timeout: float = field(
+        default=2.0, metadata=_key("inventory.password_queue_timeout")
+    )
+    failed_login_rate: float = field(default=5.0, metadata=_key("inventory.failed_login_rate"))
+    failed_login_burst: int = field(default=30, metadata=_key("inventory.failed_login_burst"))
     cloud: str = field(default="inventory", metadata=_key("cloud.backend"))
     one_xmlrpc: str = field(
         default="http://localhost:2633/RPC2", metadata=_key("opennebula.xmlrpc")
@@ -276,6 +286,11 @@ class Config:
     def _check_hardening(self) -> None:
         _number(self, "request_timeout", 1, 3600)
         _number(self, "password_cache", 0, 86400)
+        _whole(self, "password_workers", 0, 8, "threads")
+        _whole(self, "password_queue", 0, 10000, "password checks")
+        _number(self, "password_queue_timeout", 0.1, 300)
+        _number(self, "failed_login_rate", 0.01, 1000000, "failed logins per second")
+        _whole(self, "failed_login_burst", 1, 1000000, "failed logins")
         _whole(self, "max_header_bytes", 1024, 1048576, "bytes")
         _whole(self, "max_body_bytes", 0, 16777216, "bytes")
         _number(self, "drain_grace", 0, 86400)

@@ -15,9 +15,11 @@ class ApiError(Exception):
     status = 500
     title = "Internal Server Error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
+        #: Seconds after which asking again may work (sent as ``Retry-After``); None: no advice.
+        self.retry_after = retry_after
 
 
 class BadRequest(ApiError):
@@ -71,6 +73,18 @@ class BadGateway(ApiError):
 
 class CloudUnavailable(ApiError):
     """The cloud could not be reached in time (503)."""
+
+    status = 503
+    title = "Service Unavailable"
+
+
+class Overloaded(ApiError):
+    """
+    Too much work of this kind is under way to take more now (503).
+
+    Refused at once and cheaply, with C{retry_after}, so that the work that
+    is accepted finishes in a bounded time (password checks).
+    """
 
     status = 503
     title = "Service Unavailable"

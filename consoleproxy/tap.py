@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from consoleproxy.clouds.inventory import InventoryCloud, InventoryError
+from consoleproxy.clouds.logins import CheckPool, FailureBudget, default_workers
 from consoleproxy.clouds.opennebula.cloud import OpenNebulaCloud, is_loopback
 from consoleproxy.clouds.opennebula.console_settings import StatePolicy
 from consoleproxy.clouds.opennebula.oned import SERVER_ADMIN_KEY, Oned, ServerAdmin
@@ -280,7 +281,7 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
     assets = StaticFiles(config.node_modules or None, stall_timeout=config.stall_timeout)
     probe = GuacdProbe(guacd_endpoint if config.has_guacd else None, reactor)
     web = ConsoleProxyWeb(
-        TokenApi(cloud, cloud, tokens, rfb_tokens),
+        TokenApi(cloud, cloud, tokens, rfb_tokens, clock=reactor),
         RelayResource(relay),
         rfb=RfbRelayResource(rfb) if rfb is not None else None,
         page=ConsolePage(cloud, assets),
@@ -387,7 +388,19 @@ def build_cloud(config: Config, reactor: Any) -> Any:
         try:
             return InventoryCloud(
                 config.inventory,
-                PasswordVerifier(reactor, cache_seconds=config.password_cache),
+                PasswordVerifier(
+                    reactor,
+                    cache_seconds=config.password_cache,
+                    pool=CheckPool(
+                        reactor,
+                        config.password_workers or default_workers(),
+                        config.password_queue,
+                        config.password_queue_timeout,
+                    ),
+                    budget=FailureBudget(
+                        reactor, config.failed_login_rate, config.failed_login_burst
+                    ),
+                ),
                 clock=reactor,
             )
         except InventoryError as e:

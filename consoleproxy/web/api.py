@@ -14,23 +14,37 @@ Answers use FireEdge's shape so its clients work unchanged:
 from __future__ import annotations
 
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.server import Request
 
 from consoleproxy.consoles import CONSOLE_TYPES, Console, Identity, zone_key
-from consoleproxy.errors import ApiError, BadRequest, NotFound, Unauthenticated
+from consoleproxy.errors import ApiError, BadRequest, NotFound, Overloaded, Unauthenticated
 from consoleproxy.interfaces import IAuthenticator, ICloud
 from consoleproxy.net.logsafe import log_safe
+from consoleproxy.net.ratelimit import retry_after
 from consoleproxy.net.routing import client_of, json_body
 from consoleproxy.tokens import TokenAuthority
 
 _MAX_VM_ID = 2**31 - 1  # oned's ids are C ints
+#: The HTTP Basic challenge of a 401 (the token API's and the console page's).
+CHALLENGE = b'Basic realm="consoleproxy", charset="UTF-8"'
 
 
 class TokenApi:
-    """Mints console tokens for authenticated users."""
+    """
+    Mints console tokens for authenticated users.
+
+    @param clock: with one, refusals of a busy server (L{Overloaded}: the
+        password checks' queue is full or the failed-login budget spent) are
+        logged at most once every L{BUSY_LOG_INTERVAL} seconds, with a count
+        of the others: under attack they come by the hundred a second, each
+        is in the access log already, and one line each took a quarter of
+        the server's time.  Without a clock every refusal is logged.
+    """
 
     log = Logger()
+    BUSY_LOG_INTERVAL = 10.0
 
     def __init__(
         self,
@@ -38,12 +52,16 @@ class TokenApi:
         cloud: ICloud,
         tokens: TokenAuthority,
         rfb_tokens: TokenAuthority | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         self.authenticator = authenticator
         self.cloud = cloud
         self.tokens = tokens
         #: Seals raw VNC tokens (purpose ``rfb``); None when that mode is off.
         self.rfb_tokens = rfb_tokens
+        self.clock = clock
+        self._busy_quiet_until = float("-inf")
+        self._busy_unlogged = 0
 
     @inlineCallbacks
     def mint(self, request: Request, vm_id: str, console_type: str):  # type: ignore[no-untyped-def]
@@ -67,18 +85,8 @@ class TokenApi:
                 self.cloud.console, identity, number, console_type, zone
             )
         except ApiError as e:
-            if isinstance(e, Unauthenticated):
-                request.setHeader(
-                    b"WWW-Authenticate", b'Basic realm="consoleproxy", charset="UTF-8"'
-                )
-            self.log.info(
-                "Token refused: {status} {why} (vm={vm} type={type} peer={peer})",
-                status=e.status,
-                why=log_safe(e.message),
-                vm=log_safe(vm_id, 32),
-                type=log_safe(console_type, 16),
-                peer=log_safe(str(client_of(request))),
-            )
+            refusal_headers(request, e)
+            self._log_refusal(request, e, vm_id, console_type)
             return json_body(request, e.status, e.title, e.message)
         authority = self.rfb_tokens if mode == "rfb" else self.tokens
         assert authority is not None
@@ -92,6 +100,39 @@ class TokenApi:
             peer=log_safe(str(client_of(request))),
         )
         return json_body(request, 200, "OK", token)
+
+    def _log_refusal(self, request: Request, e: ApiError, vm_id: str, console_type: str) -> None:
+        others = ""
+        if isinstance(e, Overloaded) and self.clock is not None:
+            now = self.clock.seconds()
+            if now < self._busy_quiet_until:
+                self._busy_unlogged += 1
+                return
+            self._busy_quiet_until = now + self.BUSY_LOG_INTERVAL
+            if self._busy_unlogged:
+                others = f"; {self._busy_unlogged} more refused as busy since the last such line"
+            self._busy_unlogged = 0
+        self.log.info(
+            "Token refused: {status} {why} (vm={vm} type={type} peer={peer}){others}",
+            status=e.status,
+            why=log_safe(e.message),
+            vm=log_safe(vm_id, 32),
+            type=log_safe(console_type, 16),
+            peer=log_safe(str(client_of(request))),
+            others=others,
+        )
+
+
+def refusal_headers(request: Request, error: ApiError) -> None:
+    """
+    The headers a refusal carries: the Basic challenge of a 401, and
+    ``Retry-After`` when the error says when asking again may work (a busy
+    server: the password checks' queue is full or the failed-login budget spent).
+    """
+    if isinstance(error, Unauthenticated):
+        request.setHeader(b"WWW-Authenticate", CHALLENGE)
+    if error.retry_after is not None:
+        request.setHeader(b"Retry-After", str(retry_after(error.retry_after)).encode())
 
 
 def _vm_number(text: str) -> int:

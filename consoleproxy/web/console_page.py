@@ -7,8 +7,13 @@ that says so in words.  Authenticated, it is a small HTML document; its
 script (``/static/console.js``) then:
 
  1. asks ``GET /api/console-modes`` which relays can work now (below);
- 2. asks the token API with the same credentials (the browser resends them:
-    ``fetch`` with ``credentials: "same-origin"``), ``?mode=rfb`` for noVNC;
+ 2. asks the token API with the same credentials, at the page's own URL plus
+    ``/token`` (``GET /console/<vm id>/<type>/token``, ``?mode=rfb`` for
+    noVNC): that URL is in the protection space the browser authenticated for
+    the page (RFC 7617, 2.2: the page's directory and below), so the browser
+    sends the credentials with the first request.  ``/api/vm/...`` is not:
+    there the first request went out without them, drew a 401 and its
+    "Token refused" log line, and only the browser's retry carried them;
  3. opens ``/guacamole`` with guacamole-common-js, or ``/rfb`` with noVNC.
 
 ``GET /api/console-modes`` answers, in FireEdge's JSON shape,
@@ -35,6 +40,7 @@ from consoleproxy.errors import ApiError, Unauthenticated
 from consoleproxy.interfaces import IAuthenticator
 from consoleproxy.net.factories import quiet_factory
 from consoleproxy.net.routing import json_body
+from consoleproxy.web.api import refusal_headers
 from consoleproxy.web.assets import StaticFiles
 
 #: The page's Content-Security-Policy: its own scripts and styles only, no
@@ -144,7 +150,7 @@ class ConsolePage:
                 self.authenticator.authenticate, request.getHeader(b"authorization")
             )
         except Unauthenticated as e:
-            request.setHeader(b"WWW-Authenticate", b'Basic realm="consoleproxy", charset="UTF-8"')
+            refusal_headers(request, e)
             return message_page(
                 request,
                 401,
@@ -154,6 +160,7 @@ class ConsolePage:
                 base,
             )
         except ApiError as e:
+            refusal_headers(request, e)
             return message_page(request, e.status, e.title, e.message, base)
         page_headers(request)
         title = f"VM {vm_id} · {console_type.upper()} console"

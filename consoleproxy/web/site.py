@@ -11,6 +11,7 @@ console page with its static files::
     /rfb                            raw VNC WebSocket relay (subprotocol binary)
     /                               the landing page: the user's consoles (HTTP Basic)
     /console/<id>/<type>            the console page (HTTP Basic)
+    /console/<id>/<type>/token      the token API, where the page's credentials go
     /static/...                     the page's script, style and npm libraries
     /metrics                        Prometheus metrics (allowed networks only)
     /healthz, /readyz               the process serves; guacd and the cloud answer
@@ -109,8 +110,10 @@ class ConsoleProxyWeb:
 
     @router.route("/api/vm/<vm_id>/guacamole/<console_type>")
     @router.route("/fireedge/api/vm/<vm_id>/guacamole/<console_type>")
+    @router.route("/console/<vm_id>/<console_type>/token")
+    @router.route("/fireedge/console/<vm_id>/<console_type>/token")
     def token(self, request: Request, vm_id: str, console_type: str) -> Any:
-        """Mint a console token."""
+        """Mint a console token (under the console page's URL too: see console_page)."""
         observer = self.operations.observer
         if observer is not None:
             request.notifyFinish().addBoth(lambda _: observer.api_request("token", request.code))

@@ -155,6 +155,18 @@ class PasswordCacheTests(SynchronousTestCase):
         self.assertTrue(self.verify("s3cret"))
         self.assertEqual(len(self.checks), 2)
 
+    def test_remembered_since_its_last_use(self) -> None:
+        # A user who keeps working is not checked again (nor refused while the failed-login
+        # budget is spent by others): the memory runs from the last use.
+        self.assertTrue(self.verify("s3cret"))
+        for _ in range(5):
+            self.clock.advance(50)
+            self.assertTrue(self.verify("s3cret"))
+        self.assertEqual(self.checks, ["s3cret"])
+        self.clock.advance(60)
+        self.assertTrue(self.verify("s3cret"))
+        self.assertEqual(len(self.checks), 2)
+
     def test_failures_and_other_passwords_always_checked(self) -> None:
         self.assertTrue(self.verify("s3cret"))
         self.assertFalse(self.verify("wrong"))

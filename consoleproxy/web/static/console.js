@@ -2,8 +2,8 @@
 // (guacamole-common-js over /guacamole) or raw VNC (noVNC over /rfb).
 //
 // 1. GET <base>/api/console-modes: {"guacamole": guacd reachable, "rfb": raw VNC enabled}
-// 2. GET <base>/api/vm/<id>/guacamole/<type>[?mode=rfb] with the page's own
-//    HTTP Basic credentials (the browser resends them): a single-use token
+// 2. GET <base>/console/<id>/<type>/token[?mode=rfb] (the token API under the page's
+//    own URL, so the browser sends the page's HTTP Basic credentials at once): a token
 // 3. the WebSocket with that token; every failure is shown in words.
 //
 // The page's URL may say ?mode=rfb (noVNC) or ?mode=guacamole; otherwise a VNC
@@ -126,13 +126,19 @@ async function api(path) {
   }
   if (!response.ok) {
     const detail = answer && typeof answer.data === "string" ? answer.data : response.statusText;
-    throw new Error(describeApiError(response.status, detail));
+    throw new Error(describeApiError(response.status, detail, response.headers.get("Retry-After")));
   }
   return answer;
 }
 
-function describeApiError(status, detail) {
+function describeApiError(status, detail, retryAfter) {
   const why = detail ? `: ${detail}` : ".";
+  if (status === 503 && retryAfter) {
+    // Busy (password checks queued, failed-login budget spent) or shutting down: say when.
+    const when = /^\d+$/.test(retryAfter) ? `in ${retryAfter} s` : "in a moment";
+    const reason = detail ? `: ${detail}.` : ".";
+    return `The console server cannot take this request now${reason} Press Reconnect ${when}.`;
+  }
   switch (status) {
     case 400:
       return `This console cannot be opened${why}`;
@@ -208,8 +214,10 @@ async function start() {
   const query = chosen.mode === "rfb" ? "?mode=rfb" : "";
   let token;
   try {
+    // Under the page's own URL: the browser sends the credentials it holds for the page
+    // with the first request (RFC 7617, 2.2); /api/vm/... would draw a 401 challenge first.
     const vm = encodeURIComponent(config.vm);
-    token = (await api(`/api/vm/${vm}/guacamole/${config.type}${query}`)).data;
+    token = (await api(`/console/${vm}/${config.type}/token${query}`)).data;
   } catch (error) {
     if (mine === attempt) showError(error.message);
     return;
