@@ -1,0 +1,239 @@
+"""RedisClient against a real redis-server: URLs, password files, TLS, outages."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from consoleproxy.cluster.redis_client import (
+    RedisAddress,
+    RedisClient,
+    RedisUnavailable,
+    load_trust_roots,
+    parse_redis_url,
+    read_password_file,
+)
+from consoleproxy.guacamole.status import Status
+from tests.helpers.redis_server import RedisServer, start_redis
+
+
+async def connected(testcase: TestCase, url: str, **kwargs: object) -> RedisClient:
+    """A started RedisClient for C{url}, stopped at the end of the test."""
+    client = RedisClient(reactor, parse_redis_url(url), **kwargs)  # type: ignore[arg-type]
+    client.start()
+    testcase.addCleanup(client.stop)
+    waiting = client.when_available()
+    waiting.addTimeout(10, reactor)
+    await waiting
+    return client
+
+
+async def until(condition: object, timeout: float = 10.0) -> None:
+    """Wait (polling) until C{condition()} is true."""
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await deferLater(reactor, 0.02)
+
+
+class UrlTests(SynchronousTestCase):
+    def test_tcp(self) -> None:
+        self.assertEqual(
+            parse_redis_url("redis://10.0.0.5:6380/3"), RedisAddress("redis", "10.0.0.5", 6380, db=3)
+        )
+        self.assertEqual(parse_redis_url("redis://r"), RedisAddress("redis", "r", 6379, db=0))
+
+    def test_tls_and_ipv6(self) -> None:
+        address = parse_redis_url("rediss://[::1]:6390/1")
+        self.assertEqual(address, RedisAddress("rediss", "::1", 6390, db=1))
+        self.assertTrue(address.tls)
+        self.assertEqual(str(address), "rediss://[::1]:6390/1")
+
+    def test_unix(self) -> None:
+        self.assertEqual(
+            parse_redis_url("unix:///run/redis/redis.sock?db=2"),
+            RedisAddress("unix", path="/run/redis/redis.sock", db=2),
+        )
+
+    def test_refused(self) -> None:
+        for url, why in [
+            ("http://x/0", "redis://"),
+            ("redis://:secret@x/0", "password_file"),
+            ("redis://user@x/0", "password_file"),
+            ("redis://x/zero", "whole number"),
+            ("redis://x:99999/0", "port"),
+            ("unix://relative/sock", "absolute"),
+            ("unix:///s?dbx=1", "unknown"),
+            ("redis:///0", "host"),
+            ("", "URL"),
+        ]:
+            with self.assertRaises(ValueError) as caught:
+                parse_redis_url(url)
+            self.assertIn(why, str(caught.exception), url)
+            self.assertNotIn("secret", str(caught.exception))
+
+
+class PasswordFileTests(SynchronousTestCase):
+    def write(self, text: str, mode: int) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, mode)
+        return path
+
+    def test_first_line(self) -> None:
+        self.assertEqual(read_password_file(self.write("s3cret\nignored\n", 0o600)), "s3cret")
+
+    def test_world_readable_refused(self) -> None:
+        path = self.write("s3cret\n", 0o644)
+        with self.assertRaises(ValueError) as caught:
+            read_password_file(path)
+        self.assertIn("readable by everyone", str(caught.exception))
+        self.assertNotIn("s3cret", str(caught.exception))
+
+    def test_missing_and_empty(self) -> None:
+        with self.assertRaises(ValueError):
+            read_password_file(self.mktemp())
+        with self.assertRaises(ValueError):
+            read_password_file(self.write("\n", 0o600))
+
+    def test_trust_roots_need_a_certificate(self) -> None:
+        with self.assertRaises(ValueError):
+            load_trust_roots(self.write("not a certificate", 0o600))
+
+
+class ConnectionTests(TestCase):
+    timeout = 60
+
+    def test_execute(self) -> Deferred[None]:
+        async def go() -> None:
+            server = await start_redis(self, reactor)
+            client = await connected(self, server.url)
+            self.assertEqual(await client.execute("SET", "k", "v"), "OK")
+            self.assertEqual(await client.execute("GET", "k"), "v")
+
+        return ensureDeferred(go())
+
+    def test_database_selected(self) -> Deferred[None]:
+        async def go() -> None:
+            server = await start_redis(self, reactor)
+            client = await connected(self, server.url.replace("/0", "/5"))
+            await client.execute("SET", "in-five", "1")
+            self.assertIn(b"db5:keys=1", server.command("INFO", "keyspace"))
+
+        return ensureDeferred(go())
+
+    def test_password_from_file(self) -> Deferred[None]:
+        async def go() -> None:
+            server = await start_redis(self, reactor, password="pw-xyz")
+            password = read_password_file(server.password_file)
+            client = await connected(self, server.url, password=password)
+            self.assertEqual(await client.execute("PING"), "PONG")
+
+        return ensureDeferred(go())
+
+    def test_wrong_password_unavailable(self) -> Deferred[None]:
+        async def go() -> None:
+            server = await start_redis(self, reactor, password="pw-xyz")
+            client = RedisClient(reactor, parse_redis_url(server.url), password="wrong")
+            client.start()
+            self.addCleanup(client.stop)
+            await deferLater(reactor, 0.5)
+            self.assertFalse(client.available)
+            with self.assertRaises(RedisUnavailable):
+                await client.execute("PING")
+            errors = self.flushLoggedErrors()
+            self.assertEqual(errors, [])
+
+        return ensureDeferred(go())
+
+    def test_tls_verified(self) -> Deferred[None]:
+        async def go() -> None:
+            server = await start_redis(self, reactor, tls=True)
+            roots = load_trust_roots(server.ca_file)
+            client = await connected(self, server.url, trust_roots=roots)
+            self.assertEqual(await client.execute("PING"), "PONG")
+
+        return ensureDeferred(go())
+
+    def test_tls_wrong_ca_refused(self) -> Deferred[None]:
+        async def go() -> None:
+            server = await start_redis(self, reactor, tls=True)
+            other = RedisServer(self, reactor, tls=True)  # another CA, never started
+            client = RedisClient(
+                reactor, parse_redis_url(server.url), trust_roots=load_trust_roots(other.ca_file)
+            )
+            client.start()
+            self.addCleanup(client.stop)
+            await deferLater(reactor, 1.0)
+            self.assertFalse(client.available)
+            with self.assertRaises(RedisUnavailable):
+                await client.execute("PING")
+
+        return ensureDeferred(go())
+
+    def test_unix_socket(self) -> Deferred[None]:
+        async def go() -> None:
+            server = RedisServer(self, reactor)
+            short = tempfile.mkdtemp(prefix="cp-redis-")  # sun_path is 108 bytes
+            self.addCleanup(shutil.rmtree, short, True)
+            sock = os.path.join(short, "redis.sock")
+            argv = server.argv
+            server.argv = lambda: [*argv(), "--unixsocket", sock]  # type: ignore[method-assign]
+            await server.start()
+            client = await connected(self, f"unix://{sock}?db=1")
+            self.assertEqual(await client.execute("SET", "u", "1"), "OK")
+            self.assertIn(b"db1:keys=1", server.command("INFO", "keyspace"))
+
+        return ensureDeferred(go())
+
+
+class OutageTests(TestCase):
+    timeout = 60
+
+    def test_stopped_redis_fails_fast_then_reconnects(self) -> Deferred[None]:
+        async def go() -> None:
+            server = await start_redis(self, reactor)
+            client = await connected(self, server.url, initial_delay=0.2, max_delay=0.5)
+            seen: list[bool] = []
+            client.add_observer(seen.append)
+            await server.stop()
+            await until(lambda: not client.available)
+            self.assertEqual(seen, [False])
+            started = time.monotonic()
+            with self.assertRaises(RedisUnavailable) as caught:
+                await client.execute("PING")
+            self.assertLess(time.monotonic() - started, client.deadline)
+            self.assertEqual(caught.exception.status, Status.SERVER_ERROR)
+            self.assertEqual(caught.exception.status.websocket_code, 1011)
+            await server.restart()
+            await until(lambda: client.available)
+            self.assertEqual(seen, [False, True])
+            self.assertEqual(await client.execute("PING"), "PONG")
+
+        return ensureDeferred(go())
+
+    def test_hung_redis_fails_within_deadline(self) -> Deferred[None]:
+        async def go() -> None:
+            server = await start_redis(self, reactor)
+            client = await connected(self, server.url, deadline=0.3)
+            os.kill(server.child.pid, 19)  # SIGSTOP: connected, but no answers
+            self.addCleanup(lambda: server.child.running and os.kill(server.child.pid, 18))
+            started = time.monotonic()
+            with self.assertRaises(RedisUnavailable):
+                await client.execute("PING")
+            self.assertLess(time.monotonic() - started, 0.3 + 0.2)
+            await until(lambda: not client.available)
+            os.kill(server.child.pid, 18)  # SIGCONT
+            await until(lambda: client.available, timeout=20)
+            self.assertEqual(await client.execute("PING"), "PONG")
+
+        return ensureDeferred(go())
