@@ -39,7 +39,6 @@ observers feed C{/readyz} and metrics.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from collections.abc import Callable, Sequence
@@ -177,7 +176,11 @@ def load_trust_roots(path: str) -> Any:
     """
     location = Path(path)
     try:
-        files = sorted(p for p in location.iterdir() if p.is_file()) if location.is_dir() else [location]
+        files = (
+            sorted(p for p in location.iterdir() if p.is_file())
+            if location.is_dir()
+            else [location]
+        )
         pems = [f.read_bytes() for f in files]
     except OSError as e:
         raise ValueError(f"cannot read {path}: {e.strerror}") from e
@@ -195,11 +198,6 @@ class Script:
     """A Lua script run atomically by Redis (EVALSHA, EVAL when not cached)."""
 
     source: str
-
-    @property
-    def sha1(self) -> str:
-        """The script's id in Redis's script cache."""
-        return hashlib.sha1(self.source.encode()).hexdigest()
 
 
 class RedisClient:
@@ -337,8 +335,7 @@ class RedisClient:
             return
         role = factory.role
         self.log.error(
-            "cluster: Redis at {where} refused the connection ({why}); "
-            "trying again in {delay:g} s",
+            "cluster: Redis at {where} refused the connection ({why}); trying again in {delay:g} s",
             where=str(self.address),
             why=why,
             delay=self.max_delay,
@@ -405,7 +402,7 @@ class RedisClient:
         return d.addErrback(self._translate, what)
 
     def _translate(self, failure: Failure, what: str) -> Failure:
-        import txredisapi
+        import txredisapi  # noqa: PLC0415 (see _factory_classes)
 
         if failure.check(TimeoutError, CancelledError):
             raise RedisUnavailable(f"Redis {what}: no answer within {self.deadline:g} s")
@@ -462,10 +459,10 @@ def _factory_classes() -> tuple[Any, Any]:
 
     Built on first use: importing txredisapi installs the default reactor.
     """
-    global _CLASSES
+    global _CLASSES  # noqa: PLW0603 (built once, on first use)
     if _CLASSES is not None:
         return _CLASSES
-    import txredisapi
+    import txredisapi  # noqa: PLC0415 (it installs the default reactor)
 
     class Factory(txredisapi.RedisFactory):  # type: ignore[misc]
         client: RedisClient

@@ -21,33 +21,14 @@ from consoleproxy.cluster.redis_client import (
     read_password_file,
 )
 from consoleproxy.guacamole.status import Status
-from tests.helpers.redis_server import RedisServer, start_redis
-
-
-async def connected(testcase: TestCase, url: str, **kwargs: object) -> RedisClient:
-    """A started RedisClient for C{url}, stopped at the end of the test."""
-    client = RedisClient(reactor, parse_redis_url(url), **kwargs)  # type: ignore[arg-type]
-    client.start()
-    testcase.addCleanup(client.stop)
-    waiting = client.when_available()
-    waiting.addTimeout(10, reactor)
-    await waiting
-    return client
-
-
-async def until(condition: object, timeout: float = 10.0) -> None:
-    """Wait (polling) until C{condition()} is true."""
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await deferLater(reactor, 0.02)
+from tests.helpers.redis_server import RedisServer, connected, start_redis, until
 
 
 class UrlTests(SynchronousTestCase):
     def test_tcp(self) -> None:
         self.assertEqual(
-            parse_redis_url("redis://10.0.0.5:6380/3"), RedisAddress("redis", "10.0.0.5", 6380, db=3)
+            parse_redis_url("redis://10.0.0.5:6380/3"),
+            RedisAddress("redis", "10.0.0.5", 6380, db=3),
         )
         self.assertEqual(parse_redis_url("redis://r"), RedisAddress("redis", "r", 6379, db=0))
 
@@ -116,7 +97,7 @@ class ConnectionTests(TestCase):
     def test_execute(self) -> Deferred[None]:
         async def go() -> None:
             server = await start_redis(self, reactor)
-            client = await connected(self, server.url)
+            client = await connected(self, reactor, server.url)
             self.assertEqual(await client.execute("SET", "k", "v"), "OK")
             self.assertEqual(await client.execute("GET", "k"), "v")
 
@@ -125,7 +106,7 @@ class ConnectionTests(TestCase):
     def test_database_selected(self) -> Deferred[None]:
         async def go() -> None:
             server = await start_redis(self, reactor)
-            client = await connected(self, server.url.replace("/0", "/5"))
+            client = await connected(self, reactor, server.url.replace("/0", "/5"))
             await client.execute("SET", "in-five", "1")
             self.assertIn(b"db5:keys=1", server.command("INFO", "keyspace"))
 
@@ -135,7 +116,7 @@ class ConnectionTests(TestCase):
         async def go() -> None:
             server = await start_redis(self, reactor, password="pw-xyz")
             password = read_password_file(server.password_file)
-            client = await connected(self, server.url, password=password)
+            client = await connected(self, reactor, server.url, password=password)
             self.assertEqual(await client.execute("PING"), "PONG")
 
         return ensureDeferred(go())
@@ -159,7 +140,7 @@ class ConnectionTests(TestCase):
         async def go() -> None:
             server = await start_redis(self, reactor, tls=True)
             roots = load_trust_roots(server.ca_file)
-            client = await connected(self, server.url, trust_roots=roots)
+            client = await connected(self, reactor, server.url, trust_roots=roots)
             self.assertEqual(await client.execute("PING"), "PONG")
 
         return ensureDeferred(go())
@@ -189,7 +170,7 @@ class ConnectionTests(TestCase):
             argv = server.argv
             server.argv = lambda: [*argv(), "--unixsocket", sock]  # type: ignore[method-assign]
             await server.start()
-            client = await connected(self, f"unix://{sock}?db=1")
+            client = await connected(self, reactor, f"unix://{sock}?db=1")
             self.assertEqual(await client.execute("SET", "u", "1"), "OK")
             self.assertIn(b"db1:keys=1", server.command("INFO", "keyspace"))
 
@@ -202,11 +183,11 @@ class OutageTests(TestCase):
     def test_stopped_redis_fails_fast_then_reconnects(self) -> Deferred[None]:
         async def go() -> None:
             server = await start_redis(self, reactor)
-            client = await connected(self, server.url, initial_delay=0.2, max_delay=0.5)
+            client = await connected(self, reactor, server.url, initial_delay=0.2, max_delay=0.5)
             seen: list[bool] = []
             client.add_observer(seen.append)
             await server.stop()
-            await until(lambda: not client.available)
+            await until(reactor, lambda: not client.available)
             self.assertEqual(seen, [False])
             started = time.monotonic()
             with self.assertRaises(RedisUnavailable) as caught:
@@ -215,7 +196,7 @@ class OutageTests(TestCase):
             self.assertEqual(caught.exception.status, Status.SERVER_ERROR)
             self.assertEqual(caught.exception.status.websocket_code, 1011)
             await server.restart()
-            await until(lambda: client.available)
+            await until(reactor, lambda: client.available)
             self.assertEqual(seen, [False, True])
             self.assertEqual(await client.execute("PING"), "PONG")
 
@@ -224,16 +205,16 @@ class OutageTests(TestCase):
     def test_hung_redis_fails_within_deadline(self) -> Deferred[None]:
         async def go() -> None:
             server = await start_redis(self, reactor)
-            client = await connected(self, server.url, deadline=0.3)
+            client = await connected(self, reactor, server.url, deadline=0.3)
             os.kill(server.child.pid, 19)  # SIGSTOP: connected, but no answers
             self.addCleanup(lambda: server.child.running and os.kill(server.child.pid, 18))
             started = time.monotonic()
             with self.assertRaises(RedisUnavailable):
                 await client.execute("PING")
             self.assertLess(time.monotonic() - started, 0.3 + 0.2)
-            await until(lambda: not client.available)
+            await until(reactor, lambda: not client.available)
             os.kill(server.child.pid, 18)  # SIGCONT
-            await until(lambda: client.available, timeout=20)
+            await until(reactor, lambda: client.available, timeout=20)
             self.assertEqual(await client.execute("PING"), "PONG")
 
         return ensureDeferred(go())

@@ -15,12 +15,15 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import time
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.task import deferLater
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
+from consoleproxy.cluster.redis_client import RedisClient, parse_redis_url
 from tests.helpers import realservers
 from tests.helpers.realservers import (
     LOOPBACK,
@@ -148,3 +151,23 @@ async def start_redis(
     server = RedisServer(testcase, reactor, password=password, tls=tls)
     await server.start()
     return server
+
+
+async def connected(testcase: TestCase, reactor: Any, url: str, **kwargs: Any) -> RedisClient:
+    """A started L{RedisClient} for C{url}, connected, stopped when the test ends."""
+    client = RedisClient(reactor, parse_redis_url(url), **kwargs)
+    client.start()
+    testcase.addCleanup(client.stop)
+    waiting = client.when_available()
+    waiting.addTimeout(START_TIMEOUT, reactor)
+    await waiting
+    return client
+
+
+async def until(reactor: Any, condition: Callable[[], object], timeout: float = 10.0) -> None:
+    """Wait (polling every 20 ms) until C{condition()} is true, or fail."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout:g} s: {condition}")
+        await deferLater(reactor, 0.02)
