@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("root",),  # tap, config
     ("ops",),
     ("web", "relay"),
-    ("clouds", "tunnels"),
+    ("clouds", "tunnels", "cluster"),
     ("core",),  # tokens, consoles, interfaces, errors
     ("guacamole",),
     ("net",),

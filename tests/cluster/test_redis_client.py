@@ -20,6 +20,7 @@ from consoleproxy.cluster.redis_client import (
     parse_redis_url,
     read_password_file,
 )
+from consoleproxy.config import Config, ConfigError
 from consoleproxy.guacamole.status import Status
 from tests.helpers.redis_server import RedisServer, connected, start_redis, until
 
@@ -218,3 +219,58 @@ class OutageTests(TestCase):
             self.assertEqual(await client.execute("PING"), "PONG")
 
         return ensureDeferred(go())
+
+
+class ClusterConfigTests(SynchronousTestCase):
+    """The [cluster] keys of consoleproxy/config.py."""
+
+    def load(self, table: str) -> Config:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[cluster]\n" + table)
+        return Config.load(path)
+
+    def refused(self, table: str) -> ConfigError:
+        with self.assertRaises(ConfigError) as caught:
+            self.load(table)
+        return caught.exception
+
+    def test_default_is_no_redis(self) -> None:
+        config = Config.load()
+        self.assertEqual((config.cluster_redis, config.cluster_key_prefix), ("", "consoleproxy:"))
+
+    def test_good(self) -> None:
+        secret = self.mktemp()
+        with open(secret, "w") as f:
+            f.write("pw\n")
+        os.chmod(secret, 0o600)
+        config = self.load(f'redis = "redis://r:6380/2"\nredis_password_file = "{secret}"\n')
+        self.assertEqual(parse_redis_url(config.cluster_redis).db, 2)
+
+    def test_bad_url(self) -> None:
+        error = self.refused('redis = "http://r/0"\n')
+        self.assertEqual(error.key, "cluster.redis")
+
+    def test_world_readable_password_file(self) -> None:
+        secret = self.mktemp()
+        with open(secret, "w") as f:
+            f.write("pw\n")
+        os.chmod(secret, 0o644)
+        error = self.refused(f'redis = "redis://r/0"\nredis_password_file = "{secret}"\n')
+        self.assertEqual(error.key, "cluster.redis_password_file")
+        self.assertIn("readable by everyone", str(error))
+
+    def test_missing_password_file(self) -> None:
+        error = self.refused(f'redis = "redis://r/0"\nredis_password_file = "{self.mktemp()}"\n')
+        self.assertEqual(error.key, "cluster.redis_password_file")
+
+    def test_trust_roots_only_with_rediss(self) -> None:
+        error = self.refused('redis = "redis://r/0"\ntrust_roots = "/etc/ssl/certs"\n')
+        self.assertEqual(error.key, "cluster.trust_roots")
+
+    def test_needs_redis(self) -> None:
+        error = self.refused('redis_password_file = "/x"\n')
+        self.assertIn("needs cluster.redis", str(error))
+
+    def test_prefix(self) -> None:
+        self.assertEqual(self.refused('key_prefix = ""\n').key, "cluster.key_prefix")
