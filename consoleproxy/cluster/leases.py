@@ -7,7 +7,7 @@ scored by the lease's deadline in milliseconds of Redis's clock (C{TIME}, so
 the hosts' clocks do not matter).  One Lua script takes a lease atomically:
 drop the members past their deadline (C{ZREMRANGEBYSCORE}), count
 (C{ZCARD}), refuse at the cap, add.  The process that holds leases pushes
-their deadlines forward every C{refresh} seconds (one script for all of
+their deadlines forward every C{refresh} seconds (one script per 100 of
 them); a process that dies stops doing so and its slots come back C{ttl}
 seconds later at most.  A session whose lease had lapsed anyway (Redis was
 away longer than C{ttl}) is counted again by the next refresh: it is alive,
@@ -45,7 +45,7 @@ LEASE_TTL = 30.0
 #: Seconds between refreshes (a third of the TTL: two may fail before a lease lapses).
 LEASE_REFRESH = 10.0
 #: Leases refreshed by one script call: bounded arguments, bounded time in Redis.
-REFRESH_BATCH = 500
+REFRESH_BATCH = 100
 
 _NOW_MS = """
 local t = redis.call('TIME')

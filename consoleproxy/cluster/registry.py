@@ -4,7 +4,7 @@ The live sessions of the whole cluster, and ending one from anywhere.
 Each process registers its sessions: C{<prefix>session:<id>} holds a JSON
 record (who, which VM and console type, zone, client address, which worker,
 since when) with an expiry of C{ttl} seconds that the process renews every
-C{refresh} seconds (one script per 500 sessions); a dead process's records
+C{refresh} seconds (one script per 100 sessions); a dead process's records
 vanish after the TTL.  L{SessionRegistry.sessions} lists them with a bounded
 C{SCAN} (for the admin API of the sharing/recording issue).
 
