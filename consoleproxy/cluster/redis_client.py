@@ -323,7 +323,14 @@ class RedisClient:
                     )
                 )
         elif factory is self._factory:
-            self._set_available(True, "")
+            # A frozen Redis still completes TCP handshakes (the kernel does):
+            # available only once it answers.  No answer: replyTimeout aborts
+            # the connection and the back-off goes on.
+            def answered(_: object) -> None:
+                if factory is self._factory and conn.connected:
+                    self._set_available(True, "")
+
+            conn.execute_command("PING").addCallbacks(answered, lambda _: None)
 
     def _connection_down(self, factory: Any, why: str) -> None:
         if factory is self._factory and not factory.size:

@@ -206,7 +206,9 @@ class OutageTests(TestCase):
     def test_hung_redis_fails_within_deadline(self) -> Deferred[None]:
         async def go() -> None:
             server = await start_redis(self, reactor)
-            client = await connected(self, reactor, server.url, deadline=0.3)
+            client = await connected(
+                self, reactor, server.url, deadline=0.3, initial_delay=0.2, max_delay=0.5
+            )
             os.kill(server.child.pid, 19)  # SIGSTOP: connected, but no answers
             self.addCleanup(lambda: server.child.running and os.kill(server.child.pid, 18))
             started = time.monotonic()
@@ -214,6 +216,10 @@ class OutageTests(TestCase):
                 await client.execute("PING")
             self.assertLess(time.monotonic() - started, 0.3 + 0.2)
             await until(reactor, lambda: not client.available)
+            seen: list[bool] = []
+            client.add_observer(seen.append)
+            await deferLater(reactor, 2.0)  # reconnections reach the frozen server
+            self.assertEqual(seen, [])  # never "available" while it does not answer
             os.kill(server.child.pid, 18)  # SIGCONT
             await until(reactor, lambda: client.available, timeout=20)
             self.assertEqual(await client.execute("PING"), "PONG")
