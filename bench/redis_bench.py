@@ -26,7 +26,8 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-from consoleproxy.cluster.leases import REFRESH_BATCH, ClusterLeases
+from consoleproxy.cluster.holdings import BATCH
+from consoleproxy.cluster.leases import ClusterLeases
 from consoleproxy.cluster.ratelimit import ClusterRateLimiter
 from consoleproxy.cluster.redis_client import RedisClient, parse_redis_url
 from consoleproxy.cluster.registry import SessionRegistry
@@ -179,11 +180,11 @@ async def measure(reactor: Any, client: RedisClient, calls: int) -> list[str]:
         )
     )
     started = time.perf_counter()
-    await leases.refresh()
+    await leases.renew()
     refresh_ms = (time.perf_counter() - started) * 1000
     lines.append("")
     lines.append(
-        f"Refreshing this process's {len(leases)} leases (one Lua call per {REFRESH_BATCH}): "
+        f"Refreshing this process's {len(leases)} leases (one Lua call per {BATCH}): "
         f"{refresh_ms:.1f} ms, every 10 s."
     )
     return lines

@@ -26,26 +26,15 @@ on one Redis (a Redis Cluster would need one hash tag for all of them).
 from __future__ import annotations
 
 import itertools
-import os
-import socket
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
-from twisted.python.failure import Failure
 
+from consoleproxy.cluster.holdings import REFRESH, TTL, Holdings
 from consoleproxy.cluster.redis_client import RedisClient, RedisUnavailable, Script
 from consoleproxy.guacamole.status import GuacamoleError, Status
-
-#: Seconds a lease lives without a refresh (how long a dead process's slots stay taken).
-LEASE_TTL = 30.0
-#: Seconds between refreshes (a third of the TTL: two may fail before a lease lapses).
-LEASE_REFRESH = 10.0
-#: Leases refreshed by one script call: bounded arguments, bounded time in Redis.
-REFRESH_BATCH = 100
 
 _NOW_MS = """
 local t = redis.call('TIME')
@@ -69,7 +58,7 @@ return 'ok'
 )
 
 #: KEYS: global set, then one user set per lease; ARGV: ttl ms, then the lease ids.
-REFRESH = Script(
+RENEW = Script(
     _NOW_MS
     + """
 local deadline = now + tonumber(ARGV[1])
@@ -117,12 +106,7 @@ class Lease:
     user: str
 
 
-def worker_id() -> str:
-    """This process's name in the cluster: host and pid."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-class ClusterLeases:
+class ClusterLeases(Holdings):
     """
     This process's side of the cluster-wide session caps.
 
@@ -130,7 +114,7 @@ class ClusterLeases:
     @param max_per_user: C{relay.max_sessions_per_user}, for the whole cluster.
     """
 
-    log = Logger()
+    what = "session leases"
 
     def __init__(
         self,
@@ -140,22 +124,15 @@ class ClusterLeases:
         max_total: int,
         max_per_user: int,
         prefix: str = "consoleproxy:",
-        ttl: float = LEASE_TTL,
-        refresh: float = LEASE_REFRESH,
+        ttl: float = TTL,
+        refresh: float = REFRESH,
         worker: str | None = None,
     ) -> None:
-        self.client = client
-        self.clock = clock
+        super().__init__(client, clock, prefix=prefix, ttl=ttl, refresh=refresh, worker=worker)
         self.max_total = max_total
         self.max_per_user = max_per_user
-        self.prefix = prefix
-        self.ttl = ttl
-        self.refresh_interval = refresh
-        self.worker = worker or worker_id()
         self._ids = itertools.count(1)
         self._held: dict[str, Lease] = {}
-        self._loop = LoopingCall(self.refresh)
-        self._loop.clock = clock
 
     @property
     def global_key(self) -> str:
@@ -165,16 +142,6 @@ class ClusterLeases:
     def user_key(self, user: str) -> str:
         """The sorted set of C{user}'s leases."""
         return f"{self.prefix}leases:user:{user}"
-
-    def start(self) -> None:
-        """Start refreshing this process's leases."""
-        if not self._loop.running:
-            self._loop.start(self.refresh_interval, now=False)
-
-    def stop(self) -> None:
-        """Stop refreshing (a stopped process's leases lapse after the TTL)."""
-        if self._loop.running:
-            self._loop.stop()
 
     def __len__(self) -> int:
         return len(self._held)
@@ -187,9 +154,8 @@ class ClusterLeases:
             L{SessionCapReached} at a cap, L{RedisUnavailable} without Redis.
         """
         lease = Lease(f"{self.worker}:{next(self._ids)}", user)
-        ttl_ms = int(self.ttl * 1000)
         keys = [self.global_key, self.user_key(user)]
-        args = [lease.id, ttl_ms, self.max_total, self.max_per_user]
+        args = [lease.id, self.ttl_ms, self.max_total, self.max_per_user]
 
         def taken(reply: Any) -> Lease:
             if reply == "global":
@@ -220,24 +186,14 @@ class ClusterLeases:
 
         return d.addCallbacks(lambda _: None, unreleased)
 
-    def refresh(self) -> Deferred[None]:
-        """Push every held lease's deadline C{ttl} seconds forward (batched)."""
-        if not self._held:
-            return succeed(None)
-        if not self.client.available:
-            return succeed(None)  # once back, the next tick re-adds them all
-        leases = list(self._held.values())
-        ttl_ms = int(self.ttl * 1000)
-        calls = []
-        for start in range(0, len(leases), REFRESH_BATCH):
-            batch = leases[start : start + REFRESH_BATCH]
-            keys = [self.global_key] + [self.user_key(lease.user) for lease in batch]
-            calls.append(self.client.run(REFRESH, keys, [ttl_ms] + [lease.id for lease in batch]))
-        for call in calls:
-            call.addErrback(self._refresh_failed)
-        return gatherResults(calls).addCallback(lambda _: None)
-
-    def _refresh_failed(self, failure: Failure) -> None:
-        self.log.warn(
-            "cluster: refreshing session leases failed ({why})", why=failure.getErrorMessage()
+    def renew(self) -> Deferred[None]:
+        """
+        Push every held lease's deadline C{ttl} seconds forward; a lease that
+        had lapsed (Redis was away) is added again: its session is alive.
+        """
+        return self._in_batches(
+            RENEW,
+            list(self._held.values()),
+            lambda batch: [self.global_key] + [self.user_key(lease.user) for lease in batch],
+            lambda batch: [self.ttl_ms] + [lease.id for lease in batch],
         )

@@ -24,13 +24,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from consoleproxy.cluster.leases import LEASE_REFRESH, LEASE_TTL, REFRESH_BATCH, worker_id
+from consoleproxy.cluster.holdings import REFRESH, TTL, Holdings
 from consoleproxy.cluster.redis_client import RedisClient, Script
 
 #: KEYS: the records; ARGV: ttl ms, then the records' JSON in the same order.
@@ -70,10 +67,10 @@ class LiveSession:
         return cls(**data)
 
 
-class SessionRegistry:
+class SessionRegistry(Holdings):
     """This process's part of the registry of live sessions."""
 
-    log = Logger()
+    what = "session records"
 
     def __init__(
         self,
@@ -81,34 +78,17 @@ class SessionRegistry:
         clock: IReactorTime,
         *,
         prefix: str = "consoleproxy:",
-        ttl: float = LEASE_TTL,
-        refresh: float = LEASE_REFRESH,
+        ttl: float = TTL,
+        refresh: float = REFRESH,
         worker: str | None = None,
     ) -> None:
-        self.client = client
-        self.clock = clock
-        self.prefix = prefix
-        self.ttl = ttl
-        self.worker = worker or worker_id()
+        super().__init__(client, clock, prefix=prefix, ttl=ttl, refresh=refresh, worker=worker)
         self.channel = f"{prefix}kill"
         self._mine: dict[str, LiveSession] = {}
-        self._loop = LoopingCall(self.renew)
-        self._loop.clock = clock
-        self._refresh = refresh
 
     def key(self, session_id: str) -> str:
         """The Redis key of a session's record."""
         return f"{self.prefix}session:{session_id}"
-
-    def start(self) -> None:
-        """Start renewing this process's records."""
-        if not self._loop.running:
-            self._loop.start(self._refresh, now=False)
-
-    def stop(self) -> None:
-        """Stop renewing (the records lapse after the TTL)."""
-        if self._loop.running:
-            self._loop.stop()
 
     def register(
         self, session_id: str, *, user: str, vm: str, type: str, zone: str, client: str
@@ -123,9 +103,7 @@ class SessionRegistry:
             session_id, user, vm, type, zone, client, self.worker, self.clock.seconds()
         )
         self._mine[session_id] = session
-        d = self.client.execute(
-            "SET", self.key(session_id), session.to_json(), "PX", int(self.ttl * 1000)
-        )
+        d = self.client.execute("SET", self.key(session_id), session.to_json(), "PX", self.ttl_ms)
         return d.addCallback(lambda _: session)
 
     def unregister(self, session_id: str) -> Deferred[None]:
@@ -137,22 +115,11 @@ class SessionRegistry:
 
     def renew(self) -> Deferred[None]:
         """Write every record of this process again, with a fresh expiry."""
-        if not self._mine or not self.client.available:
-            return succeed(None)
-        sessions = list(self._mine.values())
-        ttl_ms = int(self.ttl * 1000)
-        calls = []
-        for start in range(0, len(sessions), REFRESH_BATCH):
-            batch = sessions[start : start + REFRESH_BATCH]
-            keys = [self.key(s.id) for s in batch]
-            calls.append(self.client.run(RENEW, keys, [ttl_ms] + [s.to_json() for s in batch]))
-        for call in calls:
-            call.addErrback(self._renew_failed)
-        return gatherResults(calls).addCallback(lambda _: None)
-
-    def _renew_failed(self, failure: Failure) -> None:
-        self.log.warn(
-            "cluster: renewing session records failed ({why})", why=failure.getErrorMessage()
+        return self._in_batches(
+            RENEW,
+            list(self._mine.values()),
+            lambda batch: [self.key(s.id) for s in batch],
+            lambda batch: [self.ttl_ms] + [s.to_json() for s in batch],
         )
 
     async def sessions(self, limit: int = 10_000, count: int = 500) -> list[LiveSession]:

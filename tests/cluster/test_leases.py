@@ -93,7 +93,7 @@ class LeaseTests(TestCase):
             a, _, server = await self.two(max_total=10, max_per_user=5, ttl=1.0, refresh=10)
             await a.acquire("alice")
             server.command("DEL", a.global_key, a.user_key("alice"))  # type: ignore[attr-defined]
-            await a.refresh()
+            await a.renew()
             self.assertEqual(server.command("ZCARD", a.global_key), b":1\r\n")  # type: ignore[attr-defined]
 
         return ensureDeferred(go())
@@ -107,7 +107,7 @@ class LeaseTests(TestCase):
             with self.assertRaises(RedisUnavailable):
                 await a.acquire("alice")
             await a.release(lease)  # never fails
-            await a.refresh()  # nor this
+            await a.renew()  # nor this
             self.assertEqual(len(a), 0)
 
         return ensureDeferred(go())

@@ -105,20 +105,28 @@ class RedisServer:
                 raise ServerStartError(f"redis-server did not answer: {self.child.tail()}")
             await deferLater(self.reactor, 0.02)
 
+    def _connect(self) -> Any:
+        """A blocking socket to the server (TLS and AUTH done), for probes and checks."""
+        sock: Any = socket.create_connection((LOOPBACK, self.port), timeout=2)
+        try:
+            if self.tls:
+                context = ssl.create_default_context(cadata=self.ca_pem.decode())
+                sock = context.wrap_socket(sock, server_hostname=LOOPBACK)
+            if self.password is not None:
+                sock.sendall(f"AUTH {self.password}\r\n".encode())
+                if not sock.recv(64).startswith(b"+OK"):
+                    raise OSError("AUTH refused")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
     def _pings(self) -> bool:
         """Whether the server answers PING now (a blocking loopback probe, short)."""
         try:
-            with socket.create_connection((LOOPBACK, self.port), timeout=0.5) as raw:
-                sock: Any = raw
-                if self.tls:
-                    context = ssl.create_default_context(cadata=self.ca_pem.decode())
-                    sock = context.wrap_socket(raw, server_hostname=LOOPBACK)
-                if self.password is not None:
-                    sock.sendall(f"AUTH {self.password}\r\n".encode())
-                    if not sock.recv(64).startswith(b"+OK"):
-                        return False
+            with self._connect() as sock:
                 sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+                return bool(sock.recv(64).startswith(b"+PONG"))
         except OSError:
             return False
 
@@ -132,14 +140,7 @@ class RedisServer:
 
     def command(self, *words: str) -> bytes:
         """Send one inline command (blocking, loopback) and return the raw reply."""
-        with socket.create_connection((LOOPBACK, self.port), timeout=2) as raw:
-            sock: Any = raw
-            if self.tls:
-                context = ssl.create_default_context(cadata=self.ca_pem.decode())
-                sock = context.wrap_socket(raw, server_hostname=LOOPBACK)
-            if self.password is not None:
-                sock.sendall(f"AUTH {self.password}\r\n".encode())
-                sock.recv(64)
+        with self._connect() as sock:
             sock.sendall(" ".join(words).encode() + b"\r\n")
             return bytes(sock.recv(65536))
 
