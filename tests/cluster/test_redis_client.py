@@ -10,6 +10,7 @@ import time
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from consoleproxy.cluster.redis_client import (
@@ -123,15 +124,22 @@ class ConnectionTests(TestCase):
         return ensureDeferred(go())
 
     def test_wrong_password_unavailable(self) -> Deferred[None]:
+        """Refused AUTH: unavailable, one clear log line, and the password in no log line."""
+
         async def go() -> None:
             server = await start_redis(self, reactor, password="pw-xyz")
-            client = RedisClient(reactor, parse_redis_url(server.url), password="wrong")
+            lines: list[str] = []
+            observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+            globalLogPublisher.addObserver(observer)
+            self.addCleanup(globalLogPublisher.removeObserver, observer)
+            client = RedisClient(reactor, parse_redis_url(server.url), password="wrong-pw-123")
             client.start()
             self.addCleanup(client.stop)
-            await deferLater(reactor, 0.5)
+            await until(reactor, lambda: any("refused the connection" in line for line in lines))
             self.assertFalse(client.available)
             with self.assertRaises(RedisUnavailable):
                 await client.execute("PING")
+            self.assertFalse([line for line in lines if "wrong-pw-123" in line or "pw-xyz" in line])
             errors = self.flushLoggedErrors()
             self.assertEqual(errors, [])
 
