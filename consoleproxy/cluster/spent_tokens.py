@@ -30,6 +30,18 @@ from consoleproxy.cluster.redis_client import RedisClient
 CLOCK_SKEW = 30.0
 
 
+class SpentAnswer(Deferred[bool]):
+    """
+    The answer of L{RedisSpentTokens.spend}: a Deferred that refuses to be
+    read as a C{bool}.  A caller written for the in-memory stores
+    (C{if not spent.spend(...)}) would otherwise take every Deferred for
+    "first use" and let replays through; it gets a TypeError instead.
+    """
+
+    def __bool__(self) -> bool:
+        raise TypeError("RedisSpentTokens.spend answers a Deferred: wait for it")
+
+
 class RedisSpentTokens:
     """The cluster's record of spent tokens (see the module docstring)."""
 
@@ -65,4 +77,6 @@ class RedisSpentTokens:
         d: Deferred[Any] = self.client.execute(
             "SET", self.key(token_id), "1", "NX", "PX", milliseconds
         )
-        return d.addCallback(lambda reply: reply == "OK")
+        answer = SpentAnswer()
+        d.addCallback(lambda reply: reply == "OK").chainDeferred(answer)
+        return answer

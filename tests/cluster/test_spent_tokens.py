@@ -73,6 +73,19 @@ class SpendTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_answer_is_not_a_bool(self) -> Deferred[None]:
+        """A caller that forgets to wait gets an error, not a replay let through."""
+
+        async def go() -> None:
+            server = await start_redis(self, reactor)
+            store = RedisSpentTokens(await connected(self, reactor, server.url), reactor)
+            answer = store.spend(b"t", time.time() + 60)
+            with self.assertRaises(TypeError):
+                bool(answer)
+            self.assertTrue(await answer)
+
+        return ensureDeferred(go())
+
     def test_redis_down_fails_closed(self) -> Deferred[None]:
         async def go() -> None:
             server = await start_redis(self, reactor)
