@@ -33,7 +33,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from consoleproxy.cluster.holdings import REFRESH, TTL, Holdings
-from consoleproxy.cluster.redis_client import RedisClient, RedisUnavailable, Script
+from consoleproxy.cluster.redis_client import RedisClient, Script
 from consoleproxy.guacamole.status import GuacamoleError, Status
 
 _NOW_MS = """
@@ -177,7 +177,6 @@ class ClusterLeases(Holdings):
         d = self.client.run(RELEASE, [self.global_key, self.user_key(lease.user)], [lease.id])
 
         def unreleased(failure: Any) -> None:
-            failure.trap(RedisUnavailable)
             self.log.info(
                 "cluster: a session's slot comes back by itself within {ttl:g} s ({why})",
                 ttl=self.ttl,

@@ -186,6 +186,47 @@ class ConnectionTests(TestCase):
         return ensureDeferred(go())
 
 
+class PubSubTests(TestCase):
+    timeout = 60
+
+    def test_channels_added_to_a_live_subscription(self) -> Deferred[None]:
+        async def go() -> None:
+            server = await start_redis(self, reactor)
+            client = await connected(self, reactor, server.url)
+            got: list[tuple[str, str]] = []
+            client.subscribe("one", lambda m: got.append(("one", m)))
+
+            def subscribers(channel: str) -> bytes:
+                return server.command("PUBSUB", "NUMSUB", channel)
+
+            await until(reactor, lambda: subscribers("one").endswith(b":1\r\n"))
+            client.subscribe("two", lambda m: got.append(("two", m)))
+            client.subscribe("two", lambda m: got.append(("two again", m)))
+            await until(reactor, lambda: subscribers("two").endswith(b":1\r\n"))
+            self.assertEqual(await client.publish("two", "hello"), 1)
+            self.assertEqual(await client.publish("one", "hi"), 1)
+            await until(reactor, lambda: len(got) == 3)
+            self.assertEqual(got, [("two", "hello"), ("two again", "hello"), ("one", "hi")])
+
+        return ensureDeferred(go())
+
+    def test_a_failing_handler_does_not_stop_the_others(self) -> Deferred[None]:
+        async def go() -> None:
+            server = await start_redis(self, reactor)
+            client = await connected(self, reactor, server.url)
+            got: list[str] = []
+            client.subscribe("c", lambda m: 1 / 0)  # type: ignore[func-returns-value]
+            client.subscribe("c", got.append)
+            await until(
+                reactor, lambda: server.command("PUBSUB", "NUMSUB", "c").endswith(b":1\r\n")
+            )
+            await client.publish("c", "m")
+            await until(reactor, lambda: got)
+            self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+        return ensureDeferred(go())
+
+
 class OutageTests(TestCase):
     timeout = 60
 
