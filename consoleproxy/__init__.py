@@ -16,6 +16,8 @@ import its own package and the layers below it, never one above or beside it:
                         the zone hop
 ``clouds/``,            which VM a user may open and its guacd settings
 ``tunnels/``            (inventory, OpenNebula); how guacd reaches it (SSH)
+``cluster/``            state several processes share (Redis): spent tokens,
+                        session leases, rate limits, live sessions
 ``tokens``,             the core vocabulary: sealed tokens, what a console
 ``consoles``,           is, the seams (zope.interface) and API errors
 ``interfaces``,
@@ -25,8 +27,8 @@ import its own package and the layers below it, never one above or beside it:
                         routes, rate limits, factories, fast writes)
 =====================  ====================================================
 
-``web`` and ``relay`` never import each other, nor do ``clouds`` and
-``tunnels``; ``tests/test_layout.py`` holds the rule.
+``web`` and ``relay`` never import each other, nor do ``clouds``,
+``tunnels`` and ``cluster``; ``tests/test_layout.py`` holds the rule.
 """
 
 __version__ = "0.1.0"

@@ -27,6 +27,7 @@ The keys, by section (see ``consoleproxy/examples/consoleproxy.toml``)::
                 password_queue_timeout, failed_login_rate, failed_login_burst
     [federation] origin, trust_roots, timeout, zone_refresh
     [zones.<id>] url
+    [cluster]   redis, redis_password_file, trust_roots, key_prefix (shared state)
     [tunnels]   default, user, ssh_port, keys, passphrase_file, agent,
                 known_hosts, accept_new, target, listen_address, port_range,
                 guacd_address, accept_timeout, keepalive_interval,
@@ -54,6 +55,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndp
 from zope.interface import implementer
 
 from consoleproxy.clouds.opennebula.console_settings import RUNNING_ONLY, VNC_LCM_STATES
+from consoleproxy.cluster.redis_client import load_trust_roots, parse_redis_url, read_password_file
 from consoleproxy.consoles import ZoneIdError, zone_key
 from consoleproxy.guacamole.guacd import default_timezone
 from consoleproxy.net.clients import networks
@@ -192,6 +194,12 @@ class Config:
     tunnel_idle_grace: float = field(default=30.0, metadata=_key("tunnels.idle_grace"))
     tunnel_probe_timeout: float = field(default=2.0, metadata=_key("tunnels.probe_timeout"))
     tunnel_probe_cache: float = field(default=300.0, metadata=_key("tunnels.probe_cache"))
+    cluster_redis: str = field(default="", metadata=_key("cluster.redis"))
+    cluster_redis_password_file: str = field(
+        default="", metadata=_key("cluster.redis_password_file")
+    )
+    cluster_trust_roots: str = field(default="", metadata=_key("cluster.trust_roots"))
+    cluster_key_prefix: str = field(default="consoleproxy:", metadata=_key("cluster.key_prefix"))
 
     @classmethod
     def key_of(cls, name: str) -> str:
@@ -276,6 +284,7 @@ class Config:
         _whole(self, "one_zone", 0, 2**31 - 1, "(a zone id)")
         self._check_tunnels()
         self._check_federation()
+        self._check_cluster()
         for name in ("one_vnc_states", "one_ssh_states", "one_rdp_states"):
             states = getattr(self, name)
             if not isinstance(states, list) or not all(
@@ -445,6 +454,36 @@ class Config:
             url = table.get("url", "")
             if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
                 raise ConfigError(f"{key}.url", "a ws:// or wss:// URL of that zone's relay")
+
+    def _check_cluster(self) -> None:
+        """C{[cluster]}: the Redis URL, its password file (not world-readable), trust roots."""
+        for name in ("cluster_redis", "cluster_redis_password_file", "cluster_trust_roots"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(self.key_of(name), "a string")
+        prefix = self.cluster_key_prefix
+        if not isinstance(prefix, str) or not 0 < len(prefix) <= 64 or not prefix.isprintable():
+            raise ConfigError(self.key_of("cluster_key_prefix"), "1 to 64 printable characters")
+        if not self.cluster_redis:
+            for name in ("cluster_redis_password_file", "cluster_trust_roots"):
+                if getattr(self, name):
+                    raise ConfigError(self.key_of(name), "needs cluster.redis")
+            return
+        try:
+            address = parse_redis_url(self.cluster_redis)
+        except ValueError as e:
+            raise ConfigError(self.key_of("cluster_redis"), str(e)) from e
+        if self.cluster_redis_password_file:
+            try:
+                read_password_file(self.cluster_redis_password_file)
+            except ValueError as e:
+                raise ConfigError(self.key_of("cluster_redis_password_file"), str(e)) from e
+        if self.cluster_trust_roots:
+            if not address.tls:
+                raise ConfigError(self.key_of("cluster_trust_roots"), "only for rediss:// URLs")
+            try:
+                load_trust_roots(self.cluster_trust_roots)
+            except ValueError as e:
+                raise ConfigError(self.key_of("cluster_trust_roots"), str(e)) from e
 
     def zone_urls(self) -> dict[str, str]:
         """Configured relay URLs by zone id (``01`` is ``1``)."""

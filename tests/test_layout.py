@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("root",),  # tap, config, the command line (cli, preflight, __main__)
     ("ops",),
     ("web", "relay"),
-    ("clouds", "tunnels"),
+    ("clouds", "tunnels", "cluster"),
     ("core",),  # tokens, consoles, interfaces, errors
     ("guacamole",),
     ("net",),
