@@ -70,6 +70,13 @@ from consoleproxy.web.console_page import ConsoleModes, ConsolePage, GuacdProbe
 from consoleproxy.web.http_channel import HttpLimits
 from consoleproxy.web.landing import LandingPage
 from consoleproxy.web.site import ConsoleProxyWeb, Operations, build_site
+from consoleproxy.workers import (
+    WorkerRole,
+    WorkerSupervisor,
+    WorkerTagged,
+    adopted_endpoints,
+    die_with_parent,
+)
 
 log = Logger()
 
@@ -153,11 +160,24 @@ class Options(usage.Options):
             "refused) and open sessions run on [server.drain_grace], default 30; 0: stop at once.",
             float,
         ],
+        [
+            "workers",
+            None,
+            None,
+            'Worker processes sharing the listening sockets [server.workers], default 1; "auto": '
+            "one per core.  More than 1 needs cluster.redis.",
+        ],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self.argv: list[str] = []
+
+    def parseOptions(self, options: Any = None) -> None:
+        """Parse, keeping the arguments: workers are started with the same ones."""
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_listen(self, description: str) -> None:
         """
@@ -180,6 +200,7 @@ class Options(usage.Options):
             ("token-lifetime", "token_lifetime"),
             ("handshake-timeout", "handshake_timeout"),
             ("drain-grace", "drain_grace"),
+            ("workers", "workers"),
             ("cloud", "cloud"),
             ("one-xmlrpc", "one_xmlrpc"),
             ("server-admin-auth", "one_server_admin_auth"),
@@ -582,6 +603,16 @@ def _stderr_is_discarded() -> bool:
     return (err.st_dev, err.st_ino) == (null.st_dev, null.st_ino)
 
 
+def listen_failed(description: str, error: BaseException) -> ListenFailed:
+    """The L{ListenFailed} to raise, its line logged (daemon) and printed alone (hook)."""
+    failed = ListenFailed(description, error)
+    if _stderr_is_discarded():
+        # A daemon: its parent prints only 100 bytes; the log has it all.
+        log.critical("{line}", line=str(failed))
+    sys.excepthook = _one_line_hook(sys.excepthook)
+    return failed
+
+
 def _one_line_hook(previous: Any) -> Any:
     """An interpreter exception hook printing L{ListenFailed} as its one line."""
 
@@ -664,12 +695,7 @@ class ShutdownService(MultiService):
             try:
                 child.privilegedStartService()
             except Exception as e:
-                failed = ListenFailed(self._descriptions.get(child, "an endpoint"), e)
-                if _stderr_is_discarded():
-                    # A daemon: its parent prints only 100 bytes; the log has it all.
-                    log.critical("{line}", line=str(failed))
-                sys.excepthook = _one_line_hook(sys.excepthook)
-                raise failed from e
+                raise listen_failed(self._descriptions.get(child, "an endpoint"), e) from e
 
     def startService(self) -> None:
         if not self._listening:
@@ -777,6 +803,30 @@ def makeService(options: Options) -> IService:
         reserve=parts["config"].descriptor_reserve,
     )
     service = MultiService()
+    config = parts["config"]
+    role = WorkerRole.from_environment()
+    if role is None and config.workers > 1:
+        # The main process of several workers: it binds and supervises, never serves.
+        WorkerSupervisor(
+            parts["reactor"],
+            config.workers,
+            parts["endpoints"],
+            config.listen,
+            options.argv,
+            config.drain_grace,
+            listen_failed,
+        ).setServiceParent(service)
+        return service
+    endpoints = parts["endpoints"]
+    on_ready = None
+    if role is not None:
+        die_with_parent()
+        endpoints = adopted_endpoints(parts["reactor"], role, endpoints)
+        parts["site"].resource = WorkerTagged(parts["site"].resource, role.index)
+        if role.metrics_dir:
+            parts["metrics"].share(role.metrics_dir)
+        on_ready = role.tell_ready
+        log.info("Worker {index} (pid {pid}) serving", index=role.index, pid=os.getpid())
     closers = [parts["tunnels"].pool.close]
     if hasattr(parts["cloud"], "close"):
         closers.append(parts["cloud"].close)
@@ -784,7 +834,6 @@ def makeService(options: Options) -> IService:
     if audit is not None:
         closers.append(audit.close)
     closers.append(parts["spent"].close)
-    config = parts["config"]
     serving = ShutdownService(
         parts["table"],
         config.drain_grace,
@@ -796,10 +845,10 @@ def makeService(options: Options) -> IService:
     serving.setServiceParent(service)
     listening = [
         serving.listen(description, endpoint, parts["site"])
-        for description, endpoint in zip(config.listen, parts["endpoints"], strict=True)
+        for description, endpoint in zip(config.listen, endpoints, strict=True)
     ]
     # After the ports, so that it stops first: systemd hears STOPPING=1 as the drain begins.
-    SystemdNotifier(parts["reactor"], listening).setServiceParent(service)
+    SystemdNotifier(parts["reactor"], listening, on_ready=on_ready).setServiceParent(service)
     if parts["assets"].missing:
         log.warn(
             "The console page's libraries are not installed in {path} ({missing}): run "

@@ -1,0 +1,416 @@
+"""
+Several worker processes (server.workers = 2) in real twistd processes, with a
+real redis-server: both workers answer on the one port, a worker killed is
+started again while the other's sessions go on, SIGTERM drains every worker,
+SIGHUP reaches every worker, one /metrics scrape counts both, and start-up
+problems (no Redis, a port in use) stop start-up with one line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import time
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred, inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, readBody
+
+from consoleproxy.config import Config, ConfigError
+from consoleproxy.workers import (
+    FIRST_DELAY,
+    LONGEST_DELAY,
+    WorkerSupervisor,
+    listen_arguments,
+)
+from tests.helpers.redis_server import start_redis
+from tests.helpers.support import basic, get_json, wait
+from tests.helpers.twistd import fake_guacd, free_port, run_twistd, serve
+from tests.helpers.wsclient import connect
+
+GRACE = 3.0
+
+
+def children(pid: int) -> set[int]:
+    """The processes whose parent is C{pid} (Linux /proc)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(entry))
+    return found
+
+
+def holder_of(pids: set[int], conn: Any) -> int | None:
+    """Which of C{pids} holds the other end of guacd's connection C{conn} (Linux /proc)."""
+    local = conn.transport.getPeer().port
+    inodes = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            if int(parts[1].split(":")[1], 16) == local:
+                inodes.add(parts[9])
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
+@inlineCallbacks
+def answered_by(url: bytes):  # type: ignore[no-untyped-def]
+    """GET C{url} on a new connection; (status, the worker header, body)."""
+    response = yield Agent(reactor).request(b"GET", url)
+    body = yield readBody(response)
+    worker = (response.headers.getRawHeaders(b"consoleproxy-worker") or [b"?"])[0]
+    return response.code, worker.decode(), body
+
+
+class WorkersTests(TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def start(self, grace: float = GRACE):  # type: ignore[no-untyped-def]
+        """2 workers on Redis, a fake guacd; once both answer: (served, guacd, redis)."""
+        redis = yield ensureDeferred(start_redis(self, reactor))
+        guacd = yield fake_guacd(self)
+        served = yield serve(
+            self,
+            guacd,
+            grace=grace,
+            server="workers = 2\n",
+            tail=f'[cluster]\nredis = "{redis.url}"\n',
+        )
+        yield self.until_both(served)
+        return served, guacd
+
+    @inlineCallbacks
+    def until_both(self, served: Any, timeout: float = 20.0):  # type: ignore[no-untyped-def]
+        """Wait until 2 workers run and each has answered; their pids."""
+        deadline = reactor.seconds() + timeout
+        seen: set[str] = set()
+        while True:
+            pids = children(served.process.transport.pid)
+            code, worker, _ = yield answered_by(served.url("/healthz"))
+            self.assertEqual(code, 200)
+            seen.add(worker)
+            if len(pids) == 2 and seen == {"0", "1"}:
+                return pids
+            if reactor.seconds() > deadline:
+                self.fail(f"workers {seen}, pids {pids}:\n{served.process.output.decode()}")
+            yield wait(0.05)
+
+    @inlineCallbacks
+    def session(self, served: Any, guacd: Any):  # type: ignore[no-untyped-def]
+        """A Guacamole session open through the proxy: (client, guacd's side)."""
+        code, _, body = yield get_json(
+            served.url("/api/vm/8/guacamole/rdp"), basic("bob", "builder")
+        )
+        self.assertEqual(code, 200)
+        number = len(guacd.connections) + 1
+        client = yield connect(f"ws://127.0.0.1:{served.port}/guacamole?token={body['data']}")
+        yield client.opened
+        conn = yield guacd.wait_for_connection(number)
+        return client, conn
+
+    @inlineCallbacks
+    def session_in_each(self, served: Any, guacd: Any, pids: set[int]):  # type: ignore[no-untyped-def]
+        """Open sessions until each worker holds one: {pid: (client, conn)}."""
+        held: dict[int, Any] = {}
+        for _ in range(20):
+            client, conn = yield self.session(served, guacd)
+            holder = holder_of(pids, conn)
+            if holder not in held:
+                held[holder] = (client, conn)
+            else:
+                client.sendClose(1000)
+                yield client.closed
+            if set(held) == pids:
+                return held
+        self.fail(f"the sessions all went to {set(held)}")
+
+    @inlineCallbacks
+    def test_both_workers_answer_and_metrics_count_both(self):  # type: ignore[no-untyped-def]
+        served, _ = yield self.start()
+        workers = set()
+        for _ in range(12):
+            code, headers, _ = yield get_json(
+                served.url("/api/vm/8/guacamole/rdp"), basic("bob", "builder")
+            )
+            self.assertEqual(code, 200)
+            workers.update(headers.getRawHeaders(b"consoleproxy-worker"))
+        self.assertEqual(workers, {b"0", b"1"})
+        # One scrape, whichever worker answers it, counts every worker's answers.
+        for _ in range(4):
+            code, worker, text = yield answered_by(served.url("/metrics"))
+            self.assertEqual(code, 200)
+            counted = re.search(
+                rb'consoleproxy_api_requests_total\{code="200",route="token"\} (\S+)', text
+            )
+            self.assertIsNotNone(counted, text.decode())
+            self.assertEqual(float(counted.group(1)), 12.0, f"scraped from worker {worker}")
+
+    @inlineCallbacks
+    def test_killed_worker_restarts_others_sessions_go_on(self):  # type: ignore[no-untyped-def]
+        served, guacd = yield self.start()
+        pids = children(served.process.transport.pid)
+        client, conn = yield self.session(served, guacd)
+        keeper = holder_of(pids, conn)
+        self.assertIn(keeper, pids)
+        (victim,) = pids - {keeper}
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        # New connections are served all along (the other worker accepts).
+        for _ in range(10):
+            code, _, _ = yield answered_by(served.url("/healthz"))
+            self.assertEqual(code, 200)
+        now = yield self.until_both(served)
+        restart = time.monotonic() - killed
+        self.assertNotIn(victim, now)
+        self.assertIn(keeper, now)
+        self.assertIn(
+            "killed by SIGKILL; starting it again in 0.5 s", served.process.output.decode()
+        )
+        # The other worker's session kept relaying.
+        conn.send("sync", "42")
+        yield client.wait_messages(2)
+        self.assertIn("4.sync,2.42;", client.text())
+        self.assertFalse(client.closed.called)
+        print(f"\nworker restart: {restart:.2f} s from SIGKILL until it answers")
+        client.sendClose(1000)
+        yield client.closed
+
+    @inlineCallbacks
+    def test_sigterm_drains_every_worker(self):  # type: ignore[no-untyped-def]
+        served, guacd = yield self.start()
+        pids = children(served.process.transport.pid)
+        held = yield self.session_in_each(served, guacd, pids)
+        served.process.transport.signalProcess("TERM")
+        signalled = reactor.seconds()
+        yield wait(0.5)
+        for _ in range(4):
+            code, _, body = yield get_json(served.url("/readyz"))
+            self.assertEqual((code, body), (503, {"status": "draining"}))
+        for client, conn in held.values():
+            conn.send("sync", "7")
+            yield client.wait_messages(2)
+            self.assertIn("4.sync,1.7;", client.text())
+            self.assertFalse(client.closed.called)
+        for client, _ in held.values():
+            closed = yield client.closed
+            self.assertEqual(closed, (1001, "523"))
+        self.assertGreater(reactor.seconds() - signalled, GRACE - 0.5)
+        yield served.process.ended
+        # As one process does: twistd ends by the signal it stopped for.
+        self.assertEqual(served.process.signal, signal.SIGTERM)
+        self.assertEqual({p for p in pids if os.path.exists(f"/proc/{p}")}, set())
+
+    @inlineCallbacks
+    def test_sighup_reaches_every_worker(self):  # type: ignore[no-untyped-def]
+        served, guacd = yield self.start()
+        pids = children(served.process.transport.pid)
+        first = yield self.session_in_each(served, guacd, pids)
+        for client, _ in first.values():
+            client.sendClose(1000)
+            yield client.closed
+        yield wait(0.3)
+        rotated = served.audit + ".1"
+        os.rename(served.audit, rotated)
+        size = os.path.getsize(rotated)
+        served.process.transport.signalProcess("HUP")
+        yield wait(0.5)
+        again = yield self.session_in_each(served, guacd, pids)
+        for client, _ in again.values():
+            client.sendClose(1000)
+            yield client.closed
+        yield wait(0.3)
+        # Every worker writes to the new file; none to the rotated one.
+        self.assertEqual(os.path.getsize(rotated), size)
+        with open(served.audit) as f:
+            opened = [line for line in f if '"session_opened"' in line]
+        self.assertGreaterEqual(len(opened), 2)
+
+    @inlineCallbacks
+    def test_workers_without_redis_refused(self):  # type: ignore[no-untyped-def]
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = f"{directory}/c.toml"
+        with open(path, "w") as f:
+            f.write(f'[server]\nworkers = 2\n[tokens]\nkey_file = "{directory}/k"\n')
+        process = run_twistd(self, f"--config={path}")
+        code = yield process.ended
+        self.assertEqual(code, 2)
+        lines = process.errors.decode().strip().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("server.workers = 2 needs cluster.redis", lines[0])
+
+    @inlineCallbacks
+    def test_port_in_use_one_line_no_children(self):  # type: ignore[no-untyped-def]
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = f"{directory}/c.toml"
+        with open(path, "w") as f:
+            f.write(
+                f'[server]\nworkers = 2\nlisten = ["tcp:{free_port()}:interface=127.0.0.1",'
+                f' "tcp:{port}:interface=127.0.0.1"]\n'
+                f'[tokens]\nkey_file = "{directory}/k"\n'
+                '[cluster]\nredis = "redis://127.0.0.1:1"\n'
+            )
+        process = run_twistd(self, f"--config={path}")
+        code = yield process.ended
+        self.assertNotEqual(code, 0)
+        lines = process.errors.decode().strip().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn(f"cannot listen on tcp:{port}:interface=127.0.0.1", lines[0])
+        self.assertNotIn("Worker 0", process.output.decode())
+
+
+class FakeTransport:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[str] = []
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class FakeReactor(Clock):
+    """A clock that records spawned processes instead of starting them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[Any] = []
+
+    def spawnProcess(self, protocol: Any, *args: Any, **kwargs: Any) -> None:
+        protocol.makeConnection(FakeTransport(1000 + len(self.spawned)))
+        self.spawned.append((protocol, args, kwargs))
+
+
+class Ended(Exception):
+    exitCode = None
+    signal = 9
+
+
+class SupervisorTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        # The supervisor sets SIGHUP, SIGTERM and SIGINT handlers: give this process its own back.
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            self.addCleanup(signal.signal, signum, signal.getsignal(signum))
+
+    def test_back_off_doubles_and_resets(self) -> None:
+        """Deaths in a row wait 0.5, 1, 2 ... 30 s; after 60 s alive it is 0.5 s again."""
+        clock = FakeReactor()
+        supervisor = WorkerSupervisor(clock, 1, [], [], [], 1.0, lambda d, e: e, environ={})
+        supervisor.privilegedStartService()
+        supervisor.startService()
+        self.addCleanup(lambda: supervisor.metrics_dir and os.rmdir(supervisor.metrics_dir))
+        delays = []
+        for _ in range(8):
+            worker = clock.spawned[-1][0]
+            worker.processEnded(Failure(Ended()))
+            call = supervisor.restarts[0]
+            delays.append(call.getTime() - clock.seconds())
+            clock.advance(delays[-1])
+        self.assertEqual(delays, [FIRST_DELAY, 1.0, 2.0, 4.0, 8.0, 16.0, LONGEST_DELAY, 30.0])
+        clock.advance(61)
+        clock.spawned[-1][0].processEnded(Failure(Ended()))
+        self.assertEqual(supervisor.restarts[0].getTime() - clock.seconds(), FIRST_DELAY)
+        self.assertEqual(len(supervisor.deaths), 9)
+
+    def test_stop_forwards_term_and_does_not_restart(self) -> None:
+        clock = FakeReactor()
+        supervisor = WorkerSupervisor(clock, 2, [], [], [], 1.0, lambda d, e: e, environ={})
+        supervisor.startService()
+        stopped = supervisor.stopService()
+        transports = [p.transport for p, _, _ in clock.spawned]
+        self.assertEqual([t.signals for t in transports], [["TERM"], ["TERM"]])
+        self.assertNoResult(stopped)
+        for protocol, _, _ in clock.spawned:
+            protocol.processEnded(Failure(Ended()))
+        self.successResultOf(stopped)
+        self.assertEqual(supervisor.restarts, {})
+        self.assertEqual(len(clock.spawned), 2)
+        self.assertFalse(os.path.exists(supervisor.metrics_dir))
+
+    def test_sighup_reaches_every_worker(self) -> None:
+        clock = FakeReactor()
+        supervisor = WorkerSupervisor(clock, 3, [], [], [], 1.0, lambda d, e: e, environ={})
+        supervisor.startService()
+        self.addCleanup(supervisor.stopService)
+        supervisor.reopen()
+        self.assertEqual([p.transport.signals for p, _, _ in clock.spawned], [["HUP"]] * 3)
+
+    def test_worker_environment_drops_systemd(self) -> None:
+        supervisor = WorkerSupervisor(
+            Clock(),
+            2,
+            [],
+            [],
+            [],
+            1.0,
+            lambda d, e: e,
+            environ={"NOTIFY_SOCKET": "/x", "LISTEN_FDS": "1", "LISTEN_PID": "3", "PATH": "/b"},
+        )
+        env = supervisor.worker_environment(1, 5)
+        self.assertEqual(env["PATH"], "/b")
+        self.assertEqual(env["CONSOLEPROXY_WORKER"], "1")
+        self.assertNotIn("NOTIFY_SOCKET", env)
+        self.assertNotIn("LISTEN_FDS", env)
+
+
+class WorkerConfigTests(SynchronousTestCase):
+    def test_auto_is_the_cores(self) -> None:
+        config = Config.load(overrides={"workers": "auto", "cluster_redis": "redis://h:1"})
+        self.assertEqual(config.workers, os.cpu_count())
+
+    def test_option_string(self) -> None:
+        config = Config.load(overrides={"workers": "3", "cluster_redis": "redis://h:1"})
+        self.assertEqual(config.workers, 3)
+
+    def test_bad_values(self) -> None:
+        for value in (0, -1, 257, "many", 1.5, True):
+            with self.assertRaises(ConfigError) as caught:
+                Config.load(overrides={"workers": value, "cluster_redis": "redis://h:1"})
+            self.assertEqual(caught.exception.key, "server.workers")
+
+    def test_more_than_one_needs_redis(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            Config.load(overrides={"workers": 2})
+        self.assertEqual(caught.exception.key, "server.workers")
+        self.assertEqual(Config.load().workers, 1)
+
+    def test_listen_arguments(self) -> None:
+        argv = ["--config=c", "--listen", "tcp:1", "--listen=unix:/s", "--workers=2"]
+        self.assertEqual(
+            listen_arguments(
+                argv, ["unix:/s", "ssl:443:privateKey=k", "systemd:domain=INET:index=0"]
+            ),
+            [
+                "--config=c",
+                "--workers=2",
+                "--listen=tcp:1:interface=127.0.0.1",
+                "--listen=ssl:443:k=k",
+                "--listen=tcp:1:interface=127.0.0.1",
+            ],
+        )
