@@ -76,6 +76,7 @@ from consoleproxy.workers import (
     WorkerTagged,
     adopted_endpoints,
     die_with_parent,
+    twistd_logger,
 )
 
 log = Logger()
@@ -815,6 +816,7 @@ def makeService(options: Options) -> IService:
             options.argv,
             config.drain_grace,
             listen_failed,
+            logger=twistd_logger(sys.argv, options.argv),
         ).setServiceParent(service)
         return service
     endpoints = parts["endpoints"]

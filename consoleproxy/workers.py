@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet import tcp, unix
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IStreamServerEndpoint
@@ -147,6 +148,24 @@ def listen_arguments(argv: Sequence[str], descriptions: Sequence[str]) -> list[s
     return kept
 
 
+def twistd_logger(argv: Sequence[str], plugin_argv: Sequence[str]) -> list[str]:
+    """
+    The C{--logger} option of twistd's command line C{argv} (before the
+    plugin's own C{plugin_argv}), for the workers: they log as the main
+    process does (the journal's or JSON lines under C{consoleproxy serve}).
+    Other twistd options are not passed on: a worker never daemonizes, has no
+    pid file, and writes to the inherited standard output (a C{--logfile}
+    rotated by several processes at once would lose lines).
+    """
+    options = list(argv[1 : len(argv) - len(plugin_argv)])
+    for i, option in enumerate(options):
+        if option == "--logger" and i + 1 < len(options):
+            return ["--logger", options[i + 1]]
+        if option.startswith("--logger="):
+            return [option]
+    return []
+
+
 def _family(address: Any) -> socket.AddressFamily:
     if isinstance(address, IPv6Address):
         return socket.AF_INET6
@@ -179,10 +198,24 @@ class AdoptedEndpoint:
             probe.detach()
         if self.tls is not None:
             factory = TLSMemoryBIOFactory(self.tls, False, factory)
-        # adoptStreamPort duplicates the descriptor; the original is closed.
-        port = self.reactor.adoptStreamPort(self.fd, family, factory)
+        if family == socket.AF_UNIX:
+            # What adoptStreamPort does, but the socket file stays when this worker
+            # stops: the others still serve it, and the main process removes it last.
+            port = _SharedUNIXPort._fromListeningDescriptor(self.reactor, self.fd, factory)
+            port.startListening()
+        else:
+            port = self.reactor.adoptStreamPort(self.fd, family, factory)
+        # Both duplicate the descriptor; the original is closed.
         os.close(self.fd)
         return succeed(port)
+
+
+class _SharedUNIXPort(unix.Port):
+    """A UNIX listening socket shared with other processes: closing it leaves the file."""
+
+    def connectionLost(self, reason: Any) -> None:
+        """Close without removing the socket file (L{unix.Port} would)."""
+        tcp.Port.connectionLost(self, reason)
 
 
 def adopted_endpoints(reactor: Any, role: WorkerRole, endpoints: Sequence[Any]) -> list[Any]:
@@ -264,6 +297,7 @@ class WorkerSupervisor(Service):
         *,
         python: str = sys.executable,
         environ: Any = None,
+        logger: Sequence[str] = (),
     ) -> None:
         self.reactor = reactor
         self.workers = workers
@@ -273,6 +307,7 @@ class WorkerSupervisor(Service):
         self.grace = grace
         self.listen_failed = listen_failed
         self.python = python
+        self.logger = list(logger)
         self.environ = dict(os.environ if environ is None else environ)
         self.ports: list[Any] = []
         self.live: dict[int, _Worker] = {}
@@ -346,7 +381,7 @@ class WorkerSupervisor(Service):
             child_fds[FIRST_FD + i] = port.fileno()
         child_fds[ready_fd] = "r"
         worker = _Worker(self, index, ready_fd)
-        args = [self.python, "-c", TWISTD, "-n", "--pidfile=", "consoleproxy"]
+        args = [self.python, "-c", TWISTD, *self.logger, "-n", "--pidfile=", "consoleproxy"]
         args += listen_arguments(self.argv, self.descriptions)
         self.reactor.spawnProcess(
             worker,

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
+import ssl
+import tempfile
 import time
 from typing import Any
 
@@ -19,6 +22,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 
@@ -28,11 +32,14 @@ from consoleproxy.workers import (
     LONGEST_DELAY,
     WorkerSupervisor,
     listen_arguments,
+    twistd_logger,
 )
 from tests.helpers.redis_server import start_redis
 from tests.helpers.support import basic, get_json, wait
-from tests.helpers.twistd import fake_guacd, free_port, run_twistd, serve
+from tests.helpers.testca import make_tls_files
+from tests.helpers.twistd import fake_guacd, free_port, run_twistd, serve, start_twistd
 from tests.helpers.wsclient import connect
+from tests.ops.test_systemd import checkout_environment, listen_notify, write_config
 
 GRACE = 3.0
 
@@ -286,6 +293,87 @@ class WorkersTests(TestCase):
         self.assertNotIn("Worker 0", process.output.decode())
 
 
+class EndpointKindsTests(TestCase):
+    """Workers serve every kind of endpoint: systemd's socket, TLS, a UNIX socket."""
+
+    timeout = 90
+
+    @inlineCallbacks
+    def test_systemd_tls_and_unix_with_ready_once_all_serve(self):  # type: ignore[no-untyped-def]
+        redis = yield ensureDeferred(start_redis(self, reactor))
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        key, cert, _ = make_tls_files(FilePath(directory).child("tls"))
+        ca = f"{directory}/tls/ca/ca.pem"
+        inherited = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(inherited.close)
+        inherited.bind(("127.0.0.1", 0))
+        inherited.listen(16)
+        port = inherited.getsockname()[1]
+        tls_port = free_port()
+        short = tempfile.mkdtemp(prefix="cpw-")  # AF_UNIX paths: 107 bytes at most
+        self.addCleanup(shutil.rmtree, short, True)
+        unix_path = f"{short}/cp.sock"
+        config = write_config(directory, None)
+        with open(config, "a") as f:
+            f.write(f'[cluster]\nredis = "{redis.url}"\n')
+        path, receiver = listen_notify(self)
+        process = start_twistd(
+            self,
+            f"--config={config}",
+            "--workers=2",
+            "--drain-grace=0.5",
+            "--listen=systemd:domain=INET:index=0",
+            f"--listen=ssl:{tls_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+            f"--listen=unix:{unix_path}",
+            cwd=directory,
+            env={
+                **checkout_environment(),
+                "LISTEN_FDS": "1",
+                "LISTEN_FDNAMES": "consoleproxy.socket",
+                "NOTIFY_SOCKET": path,
+            },
+            child_fds={0: "w", 1: "r", 2: "r", 3: inherited.fileno()},
+            wrapper=("/bin/sh", "-c", 'LISTEN_PID=$$ exec "$0" "$@"'),
+            serve=True,
+        )
+        inherited.close()
+        try:
+            ready = yield receiver.wait_for("READY=1")
+        except Exception:
+            self.fail(process.output.decode(errors="replace"))
+        self.assertIn("2 workers", ready)
+        seen: dict[str, set[str]] = {"systemd": set(), "tls": set(), "unix": set()}
+        context = ssl.create_default_context(cafile=ca)
+        for _ in range(30):
+            seen["systemd"].add(blocking_get(socket.create_connection(("127.0.0.1", port))))
+            raw = socket.create_connection(("127.0.0.1", tls_port))
+            seen["tls"].add(blocking_get(context.wrap_socket(raw, server_hostname="127.0.0.1")))
+            unix = socket.socket(socket.AF_UNIX)
+            unix.connect(unix_path)
+            seen["unix"].add(blocking_get(unix))
+            if all(found == {"0", "1"} for found in seen.values()):
+                break
+        self.assertEqual(seen, {"systemd": {"0", "1"}, "tls": {"0", "1"}, "unix": {"0", "1"}})
+        process.transport.signalProcess("TERM")
+        yield receiver.wait_for("STOPPING=1")
+        yield process.ended
+        self.assertEqual([m.split("\n")[0] for m in receiver.messages], ["READY=1", "STOPPING=1"])
+        self.assertNotIn(b"Traceback", process.output)
+
+
+def blocking_get(sock: socket.socket) -> str:
+    """GET /healthz on a connected socket (loopback: quick); the worker that answered."""
+    with sock:
+        sock.settimeout(5)
+        sock.sendall(b"GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    found = re.search(rb"(?i)consoleproxy-worker: (\d+)", answer)
+    return found.group(1).decode() if found else answer.decode(errors="replace")
+
+
 class FakeTransport:
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -400,12 +488,19 @@ class WorkerConfigTests(SynchronousTestCase):
         self.assertEqual(caught.exception.key, "server.workers")
         self.assertEqual(Config.load().workers, 1)
 
+    def test_twistd_logger_passed_on(self) -> None:
+        plugin = ["--config=c", "--logger", "not-this"]
+        for twistd, expected in (
+            (["twistd", "-n", "--logger", "a.b", "consoleproxy"], ["--logger", "a.b"]),
+            (["twistd", "--logger=a.b", "-n", "consoleproxy"], ["--logger=a.b"]),
+            (["twistd", "-n", "--logfile=x", "consoleproxy"], []),
+        ):
+            self.assertEqual(twistd_logger([*twistd, *plugin], plugin), expected)
+
     def test_listen_arguments(self) -> None:
         argv = ["--config=c", "--listen", "tcp:1", "--listen=unix:/s", "--workers=2"]
         self.assertEqual(
-            listen_arguments(
-                argv, ["unix:/s", "ssl:443:privateKey=k", "systemd:domain=INET:index=0"]
-            ),
+            listen_arguments(argv, ["unix:/s", "ssl:443:k=k", "systemd:domain=INET:index=0"]),
             [
                 "--config=c",
                 "--workers=2",
