@@ -76,6 +76,7 @@ from consoleproxy.workers import (
     WorkerTagged,
     adopted_endpoints,
     die_with_parent,
+    tag_log_lines,
     twistd_logger,
 )
 
@@ -823,6 +824,7 @@ def makeService(options: Options) -> IService:
     on_ready = None
     if role is not None:
         die_with_parent()
+        tag_log_lines(role.index)
         endpoints = adopted_endpoints(parts["reactor"], role, endpoints)
         parts["site"].resource = WorkerTagged(parts["site"].resource, role.index)
         if role.metrics_dir:

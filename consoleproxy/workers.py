@@ -109,6 +109,25 @@ class WorkerRole:
         object.__setattr__(self, "ready_fd", -1)
 
 
+def tag_log_lines(index: int, publisher: Any = None) -> None:
+    """
+    Make every log line of this worker say so: the bracketed system of
+    twistd's text lines (and of the journal and JSON formats) becomes
+    C{worker N <namespace>}.  Added before twistd starts logging, so this
+    observer runs before the ones that write.
+    """
+    from twisted.logger import globalLogPublisher  # noqa: PLC0415
+
+    prefix = f"worker {index}"
+
+    def tag(event: dict[str, Any]) -> None:
+        system = event.get("log_system") or event.get("log_namespace") or "-"
+        if not str(system).startswith(prefix):
+            event["log_system"] = f"{prefix} {system}"
+
+    (globalLogPublisher if publisher is None else publisher).addObserver(tag)
+
+
 def die_with_parent() -> None:
     """
     Ask Linux to send this worker SIGTERM when its main process dies (even by

@@ -19,8 +19,9 @@ import time
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred, inlineCallbacks
+from twisted.internet.defer import ensureDeferred, gatherResults, inlineCallbacks
 from twisted.internet.task import Clock
+from twisted.logger import LogPublisher
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -32,6 +33,7 @@ from consoleproxy.workers import (
     LONGEST_DELAY,
     WorkerSupervisor,
     listen_arguments,
+    tag_log_lines,
     twistd_logger,
 )
 from tests.helpers.redis_server import start_redis
@@ -60,14 +62,17 @@ def children(pid: int) -> set[int]:
     return found
 
 
-def holder_of(pids: set[int], conn: Any) -> int | None:
-    """Which of C{pids} holds the other end of guacd's connection C{conn} (Linux /proc)."""
-    local = conn.transport.getPeer().port
+def holder_of(pids: set[int], *, local: int = 0, remote: int = 0) -> int | None:
+    """
+    Which of C{pids} holds the TCP socket with this local or remote port
+    (Linux /proc): a worker's end of a client's or of guacd's connection.
+    """
     inodes = set()
     with open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:
             parts = line.split()
-            if int(parts[1].split(":")[1], 16) == local:
+            ports = int(parts[1].split(":")[1], 16), int(parts[2].split(":")[1], 16)
+            if (local and ports[0] == local) or (remote and ports[1] == remote):
                 inodes.add(parts[9])
     for pid in pids:
         try:
@@ -137,20 +142,47 @@ class WorkersTests(TestCase):
         return client, conn
 
     @inlineCallbacks
+    def client(self, served: Any):  # type: ignore[no-untyped-def]
+        """A WebSocket client with its session open."""
+        code, _, body = yield get_json(
+            served.url("/api/vm/8/guacamole/rdp"), basic("bob", "builder")
+        )
+        self.assertEqual(code, 200)
+        client = yield connect(f"ws://127.0.0.1:{served.port}/guacamole?token={body['data']}")
+        yield client.opened
+        return client
+
+    @inlineCallbacks
     def session_in_each(self, served: Any, guacd: Any, pids: set[int]):  # type: ignore[no-untyped-def]
-        """Open sessions until each worker holds one: {pid: (client, conn)}."""
-        held: dict[int, Any] = {}
-        for _ in range(20):
-            client, conn = yield self.session(served, guacd)
-            holder = holder_of(pids, conn)
-            if holder not in held:
-                held[holder] = (client, conn)
-            else:
+        """
+        Open sessions (4 at once: sequential ones often all land on one worker)
+        until each worker holds one: {pid: (client, guacd's side)}.
+        """
+        for _ in range(10):
+            opened = yield gatherResults([self.client(served) for _ in range(4)])
+            kept: dict[int | None, Any] = {}
+            for client in opened:
+                holder = holder_of(pids, remote=client.transport.getHost().port)
+                if holder in kept or holder is None:
+                    client.sendClose(1000)
+                    yield client.closed
+                else:
+                    kept[holder] = client
+            if set(kept) == pids:
+                break
+            for client in kept.values():
                 client.sendClose(1000)
                 yield client.closed
-            if set(held) == pids:
-                return held
-        self.fail(f"the sessions all went to {set(held)}")
+        else:
+            self.fail("the sessions all went to one worker")
+        yield wait(0.3)  # the closed ones' guacd connections close too
+        held = {}
+        for conn in guacd.connections:
+            if conn.transport.connected:
+                holder = holder_of(pids, local=conn.transport.getPeer().port)
+                held[holder] = (kept[holder], conn)
+        self.assertEqual(set(held), pids)
+        return held
 
     @inlineCallbacks
     def test_both_workers_answer_and_metrics_count_both(self):  # type: ignore[no-untyped-def]
@@ -178,7 +210,7 @@ class WorkersTests(TestCase):
         served, guacd = yield self.start()
         pids = children(served.process.transport.pid)
         client, conn = yield self.session(served, guacd)
-        keeper = holder_of(pids, conn)
+        keeper = holder_of(pids, local=conn.transport.getPeer().port)
         self.assertIn(keeper, pids)
         (victim,) = pids - {keeper}
         os.kill(victim, signal.SIGKILL)
@@ -227,6 +259,22 @@ class WorkersTests(TestCase):
         # As one process does: twistd ends by the signal it stopped for.
         self.assertEqual(served.process.signal, signal.SIGTERM)
         self.assertEqual({p for p in pids if os.path.exists(f"/proc/{p}")}, set())
+
+    @inlineCallbacks
+    def test_second_sigterm_ends_every_grace(self):  # type: ignore[no-untyped-def]
+        served, guacd = yield self.start(grace=60)
+        pids = children(served.process.transport.pid)
+        held = yield self.session_in_each(served, guacd, pids)
+        served.process.transport.signalProcess("TERM")
+        yield wait(0.5)
+        self.assertFalse(any(client.closed.called for client, _ in held.values()))
+        served.process.transport.signalProcess("TERM")
+        signalled = reactor.seconds()
+        for client, _ in held.values():
+            closed = yield client.closed
+            self.assertEqual(closed, (1001, "523"))
+        yield served.process.ended
+        self.assertLess(reactor.seconds() - signalled, 10)
 
     @inlineCallbacks
     def test_sighup_reaches_every_worker(self):  # type: ignore[no-untyped-def]
@@ -487,6 +535,16 @@ class WorkerConfigTests(SynchronousTestCase):
             Config.load(overrides={"workers": 2})
         self.assertEqual(caught.exception.key, "server.workers")
         self.assertEqual(Config.load().workers, 1)
+
+    def test_log_lines_name_the_worker(self) -> None:
+        publisher, seen = LogPublisher(), []
+        tag_log_lines(3, publisher)
+        publisher.addObserver(seen.append)
+        publisher({"log_namespace": "consoleproxy.tap", "log_format": "x"})
+        publisher({"log_system": "-", "log_namespace": "log_legacy", "log_format": "y"})
+        self.assertEqual(
+            [e["log_system"] for e in seen], ["worker 3 consoleproxy.tap", "worker 3 -"]
+        )
 
     def test_twistd_logger_passed_on(self) -> None:
         plugin = ["--config=c", "--logger", "not-this"]
