@@ -71,11 +71,11 @@ from consoleproxy.web.http_channel import HttpLimits
 from consoleproxy.web.landing import LandingPage
 from consoleproxy.web.site import ConsoleProxyWeb, Operations, build_site
 from consoleproxy.workers import (
+    WorkerControl,
     WorkerRole,
     WorkerSupervisor,
     WorkerTagged,
     adopted_endpoints,
-    die_with_parent,
     tag_log_lines,
     twistd_logger,
 )
@@ -676,6 +676,8 @@ class ShutdownService(MultiService):
         self._grace_over: Deferred[None] | None = None
         #: The stop signals received (SIGINT, SIGTERM), even before the stop began.
         self.received: list[int] = []
+        #: False in a worker: its main process says when to stop (workers.WorkerControl).
+        self.handle_signals = True
 
     def listen(self, description: str, endpoint: Any, factory: Any) -> StreamServerEndpointService:
         """
@@ -710,7 +712,7 @@ class ShutdownService(MultiService):
             reopen = self.reopen
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(reopen))
         when_running = getattr(self.reactor, "callWhenRunning", None)
-        if when_running is not None and _main_thread():
+        if when_running is not None and _main_thread() and self.handle_signals:
             # After the reactor has set its own handlers, which it does once running.
             when_running(self._note_stop_signals)
 
@@ -774,7 +776,7 @@ class ShutdownService(MultiService):
         return gatherResults([maybeDeferred(child.stopService) for child in list(self)])
 
     def _second_signal_closes_all(self) -> None:
-        if not _main_thread():
+        if not _main_thread() or not self.handle_signals:
             return
 
         def again(signum: int, frame: Any) -> None:
@@ -823,7 +825,6 @@ def makeService(options: Options) -> IService:
     endpoints = parts["endpoints"]
     on_ready = None
     if role is not None:
-        die_with_parent()
         tag_log_lines(role.index)
         endpoints = adopted_endpoints(parts["reactor"], role, endpoints)
         parts["site"].resource = WorkerTagged(parts["site"].resource, role.index)
@@ -847,6 +848,9 @@ def makeService(options: Options) -> IService:
         reopen=audit.reopen if audit is not None else None,
     )
     serving.setServiceParent(service)
+    if role is not None:
+        serving.handle_signals = False
+        WorkerControl(parts["reactor"], role.control_fd, serving).setServiceParent(service)
     listening = [
         serving.listen(description, endpoint, parts["site"])
         for description, endpoint in zip(config.listen, endpoints, strict=True)

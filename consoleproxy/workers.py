@@ -23,7 +23,6 @@ SIGHUP reaches every worker, and it tells systemd C{READY=1} once all serve.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -39,8 +38,9 @@ from twisted.application.service import Service
 from twisted.internet import tcp, unix
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -55,6 +55,7 @@ log = Logger()
 INDEX_VARIABLE = "CONSOLEPROXY_WORKER"
 FDS_VARIABLE = "CONSOLEPROXY_WORKER_FDS"
 READY_VARIABLE = "CONSOLEPROXY_WORKER_READY"
+CONTROL_VARIABLE = "CONSOLEPROXY_WORKER_CONTROL"
 METRICS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 #: The first descriptor a worker inherits a listening socket on.
@@ -84,6 +85,7 @@ class WorkerRole:
     fds: tuple[int, ...]
     ready_fd: int
     metrics_dir: str
+    control_fd: int = -1
 
     @classmethod
     def from_environment(cls, environ: Any = None) -> WorkerRole | None:
@@ -97,6 +99,7 @@ class WorkerRole:
             fds=fds,
             ready_fd=int(environ.get(READY_VARIABLE, "-1")),
             metrics_dir=environ.get(METRICS_VARIABLE, ""),
+            control_fd=int(environ.get(CONTROL_VARIABLE, "-1")),
         )
 
     def tell_ready(self) -> None:
@@ -107,6 +110,75 @@ class WorkerRole:
             os.write(self.ready_fd, b"ready\n")
             os.close(self.ready_fd)
         object.__setattr__(self, "ready_fd", -1)
+
+
+class _Commands(Protocol):
+    """The worker's end of the control socket: one command a line."""
+
+    def __init__(self, control: WorkerControl) -> None:
+        self.control = control
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            if line == b"drain":
+                self.control.drain()
+            elif line == b"now":
+                self.control.now()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        # The main process is gone: nobody supervises this worker any more.
+        self.control.drain()
+
+
+class WorkerControl(Service):
+    """
+    What the main process tells a worker, over a socket of their own rather
+    than by signals: C{drain} (the drain, as SIGTERM does) and C{now} (a
+    second signal: end the grace).  A worker ignores SIGTERM and SIGINT:
+    systemd (C{KillMode=control-group}, its default) and a terminal's Ctrl-C
+    signal every process of the service, and a worker that counted those
+    beside its main process's word would see two stops and end its grace at
+    once.  A worker whose main process is gone (the socket closes) drains.
+    """
+
+    def __init__(self, reactor: Any, fd: int, serving: Any) -> None:
+        """@param serving: the L{consoleproxy.tap.ShutdownService} that drains."""
+        self.reactor = reactor
+        self.fd = fd
+        self.serving = serving
+
+    def startService(self) -> None:
+        super().startService()
+        if threading.current_thread() is threading.main_thread():
+            # After the reactor has set its own handlers, which it does once running.
+            self.reactor.callWhenRunning(self._ignore_stop_signals)
+        if self.fd >= 0:
+            self.reactor.adoptStreamConnection(
+                self.fd, socket.AF_UNIX, Factory.forProtocol(lambda: _Commands(self))
+            )
+            os.close(self.fd)
+            self.fd = -1
+
+    @staticmethod
+    def _ignore_stop_signals() -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
+
+    def drain(self) -> None:
+        """Stop as SIGTERM stops (nothing if already stopping)."""
+        with contextlib.suppress(ReactorNotRunning):
+            self.reactor.stop()
+
+    def now(self) -> None:
+        """End the grace: as a second SIGTERM does."""
+        if self.serving.running:
+            self.serving.received.extend([signal.SIGTERM, signal.SIGTERM])
+            self.drain()
+        else:
+            self.serving.end_grace()
 
 
 def tag_log_lines(index: int, publisher: Any = None) -> None:
@@ -126,20 +198,6 @@ def tag_log_lines(index: int, publisher: Any = None) -> None:
             event["log_system"] = f"{prefix} {system}"
 
     (globalLogPublisher if publisher is None else publisher).addObserver(tag)
-
-
-def die_with_parent() -> None:
-    """
-    Ask Linux to send this worker SIGTERM when its main process dies (even by
-    SIGKILL), so that no worker is left serving alone; elsewhere nothing.
-    """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the main process died before prctl
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def listen_arguments(argv: Sequence[str], descriptions: Sequence[str]) -> list[str]:
@@ -278,6 +336,13 @@ class _Worker(ProcessProtocol):
         self.started = supervisor.reactor.seconds()
         self.ended: Deferred[None] = Deferred()
         self.pid: int | None = None
+        self.control: socket.socket | None = None
+
+    def tell(self, command: bytes) -> None:
+        """Send a command line over the control socket (C{drain}, C{now})."""
+        if self.control is not None:
+            with contextlib.suppress(OSError):
+                self.control.send(command + b"\n")
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -376,7 +441,7 @@ class WorkerSupervisor(Service):
             endpoints=", ".join(self.descriptions),
         )
 
-    def worker_environment(self, index: int, ready_fd: int) -> dict[str, str]:
+    def worker_environment(self, index: int, ready_fd: int, control_fd: int = -1) -> dict[str, str]:
         """A worker's environment: this one's, minus systemd's, plus its role."""
         env = {
             k: v
@@ -386,6 +451,7 @@ class WorkerSupervisor(Service):
         env[INDEX_VARIABLE] = str(index)
         env[FDS_VARIABLE] = ",".join(str(FIRST_FD + i) for i in range(len(self.ports)))
         env[READY_VARIABLE] = str(ready_fd)
+        env[CONTROL_VARIABLE] = str(control_fd)
         env[METRICS_VARIABLE] = self.metrics_dir
         return env
 
@@ -399,6 +465,9 @@ class WorkerSupervisor(Service):
         for i, port in enumerate(self.ports):
             child_fds[FIRST_FD + i] = port.fileno()
         child_fds[ready_fd] = "r"
+        control_fd = ready_fd + 1
+        ours, theirs = socket.socketpair()
+        child_fds[control_fd] = theirs.fileno()
         worker = _Worker(self, index, ready_fd)
         args = [self.python, "-c", TWISTD, *self.logger, "-n", "--pidfile=", "consoleproxy"]
         args += listen_arguments(self.argv, self.descriptions)
@@ -406,9 +475,12 @@ class WorkerSupervisor(Service):
             worker,
             self.python,
             args,
-            env=self.worker_environment(index, ready_fd),
+            env=self.worker_environment(index, ready_fd, control_fd),
             childFDs=child_fds,
         )
+        theirs.close()
+        ours.setblocking(False)
+        worker.control = ours
         self.live[index] = worker
         log.info("Worker {index} started (pid {pid})", index=index, pid=worker.pid)
 
@@ -429,6 +501,9 @@ class WorkerSupervisor(Service):
         code = getattr(reason, "exitCode", None)
         signum = getattr(reason, "signal", None)
         self.deaths.append((worker.index, worker.pid, code, signum))
+        if worker.control is not None:
+            worker.control.close()
+            worker.control = None
         if self.live.get(worker.index) is worker:
             del self.live[worker.index]
         if self.metrics_dir and worker.pid is not None:
@@ -464,6 +539,11 @@ class WorkerSupervisor(Service):
         """SIGHUP: every worker reopens its logs."""
         self.signal_all("HUP")
 
+    def tell_all(self, command: bytes) -> None:
+        """Send C{command} to every living worker over its control socket."""
+        for worker in list(self.live.values()):
+            worker.tell(command)
+
     def signal_all(self, name: str) -> None:
         """Send signal C{name} to every living worker."""
         for worker in list(self.live.values()):
@@ -474,7 +554,8 @@ class WorkerSupervisor(Service):
         """
         SIGTERM: every worker drains (its own C{drain_grace}); once all have
         exited the sockets close.  A second SIGTERM or SIGINT is passed on
-        (each worker then ends its grace at once).
+        (each worker then ends its grace at once).  Both are told over the
+        control sockets (L{WorkerControl} says why not by signals).
         """
         super().stopService()
         self.stopping = True
@@ -485,11 +566,9 @@ class WorkerSupervisor(Service):
         notify("STOPPING=1\nSTATUS=draining the workers' sessions", self.environ)
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(
-                    signum, lambda *_: self.reactor.callFromThread(self.signal_all, "TERM")
-                )
+                signal.signal(signum, lambda *_: self.reactor.callFromThread(self.tell_all, b"now"))
         ended = [w.ended for w in self.live.values()]
-        self.signal_all("TERM")
+        self.tell_all(b"drain")
         kill = self.reactor.callLater(self.grace + STOP_MARGIN, self.signal_all, "KILL")
 
         def done(_: Any) -> None:

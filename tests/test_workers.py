@@ -62,6 +62,15 @@ def children(pid: int) -> set[int]:
     return found
 
 
+def state(pid: int) -> str:
+    """A process's state letter (Z: a zombie), or "Z" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
 def holder_of(pids: set[int], *, local: int = 0, remote: int = 0) -> int | None:
     """
     Which of C{pids} holds the TCP socket with this local or remote port
@@ -261,6 +270,37 @@ class WorkersTests(TestCase):
         self.assertEqual({p for p in pids if os.path.exists(f"/proc/{p}")}, set())
 
     @inlineCallbacks
+    def test_sigterm_to_every_process_still_drains(self):  # type: ignore[no-untyped-def]
+        # systemd's default KillMode=control-group signals every process of the unit
+        # at once: the workers hear SIGTERM from it and the drain from the main process.
+        # That is one stop, not two (a second would end the grace at once).
+        served, guacd = yield self.start()
+        pids = children(served.process.transport.pid)
+        held = yield self.session_in_each(served, guacd, pids)
+        for pid in [served.process.transport.pid, *pids]:
+            os.kill(pid, signal.SIGTERM)
+        signalled = reactor.seconds()
+        yield wait(0.5)
+        code, _, body = yield get_json(served.url("/readyz"))
+        self.assertEqual((code, body), (503, {"status": "draining"}))
+        for client, _ in held.values():
+            closed = yield client.closed
+            self.assertEqual(closed, (1001, "523"))
+        self.assertGreater(reactor.seconds() - signalled, GRACE - 0.5)
+        yield served.process.ended
+
+    @inlineCallbacks
+    def test_workers_leave_when_the_main_process_dies(self):  # type: ignore[no-untyped-def]
+        served, _ = yield self.start(grace=0.5)
+        pids = children(served.process.transport.pid)
+        served.process.transport.signalProcess("KILL")
+        yield served.process.ended
+        deadline = reactor.seconds() + 10
+        while any(os.path.exists(f"/proc/{p}/stat") and "Z" not in state(p) for p in pids):
+            self.assertLess(reactor.seconds(), deadline, "workers outlived their main process")
+            yield wait(0.1)
+
+    @inlineCallbacks
     def test_second_sigterm_ends_every_grace(self):  # type: ignore[no-untyped-def]
         served, guacd = yield self.start(grace=60)
         pids = children(served.process.transport.pid)
@@ -440,7 +480,21 @@ class FakeReactor(Clock):
 
     def spawnProcess(self, protocol: Any, *args: Any, **kwargs: Any) -> None:
         protocol.makeConnection(FakeTransport(1000 + len(self.spawned)))
+        # The worker's end of its control socket (the supervisor closes its own copy).
+        control = max(kwargs["childFDs"])
+        protocol.theirs = socket.socket(fileno=os.dup(kwargs["childFDs"][control]))
         self.spawned.append((protocol, args, kwargs))
+
+    def commands(self) -> list[bytes]:
+        """What each worker was told over its control socket so far."""
+        told = []
+        for protocol, _, _ in self.spawned:
+            protocol.theirs.setblocking(False)
+            try:
+                told.append(protocol.theirs.recv(100))
+            except BlockingIOError:
+                told.append(b"")
+        return told
 
 
 class Ended(Exception):
@@ -474,13 +528,17 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(supervisor.restarts[0].getTime() - clock.seconds(), FIRST_DELAY)
         self.assertEqual(len(supervisor.deaths), 9)
 
-    def test_stop_forwards_term_and_does_not_restart(self) -> None:
+    def test_stop_drains_every_worker_and_does_not_restart(self) -> None:
         clock = FakeReactor()
         supervisor = WorkerSupervisor(clock, 2, [], [], [], 1.0, lambda d, e: e, environ={})
         supervisor.startService()
+        self.addCleanup(lambda: [p.theirs.close() for p, _, _ in clock.spawned])
         stopped = supervisor.stopService()
-        transports = [p.transport for p, _, _ in clock.spawned]
-        self.assertEqual([t.signals for t in transports], [["TERM"], ["TERM"]])
+        # Told over the control socket, never by a signal (see WorkerControl).
+        self.assertEqual(clock.commands(), [b"drain\n", b"drain\n"])
+        self.assertEqual([p.transport.signals for p, _, _ in clock.spawned], [[], []])
+        supervisor.tell_all(b"now")
+        self.assertEqual(clock.commands(), [b"now\n", b"now\n"])
         self.assertNoResult(stopped)
         for protocol, _, _ in clock.spawned:
             protocol.processEnded(Failure(Ended()))
@@ -508,9 +566,10 @@ class SupervisorTests(SynchronousTestCase):
             lambda d, e: e,
             environ={"NOTIFY_SOCKET": "/x", "LISTEN_FDS": "1", "LISTEN_PID": "3", "PATH": "/b"},
         )
-        env = supervisor.worker_environment(1, 5)
+        env = supervisor.worker_environment(1, 5, 6)
         self.assertEqual(env["PATH"], "/b")
         self.assertEqual(env["CONSOLEPROXY_WORKER"], "1")
+        self.assertEqual(env["CONSOLEPROXY_WORKER_CONTROL"], "6")
         self.assertNotIn("NOTIFY_SOCKET", env)
         self.assertNotIn("LISTEN_FDS", env)
 
