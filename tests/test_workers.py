@@ -343,14 +343,18 @@ class WorkersTests(TestCase):
             opened = [line for line in f if '"session_opened"' in line]
         self.assertGreaterEqual(len(opened), 2)
 
-    @inlineCallbacks
-    def test_workers_without_redis_refused(self):  # type: ignore[no-untyped-def]
+    def twistd_with(self, toml: str) -> Any:
+        """twistd with the configuration C{toml} (plus a key file) in a new directory."""
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         path = f"{directory}/c.toml"
         with open(path, "w") as f:
-            f.write(f'[server]\nworkers = 2\n[tokens]\nkey_file = "{directory}/k"\n')
-        process = run_twistd(self, f"--config={path}")
+            f.write(f'{toml}[tokens]\nkey_file = "{directory}/k"\n')
+        return run_twistd(self, f"--config={path}")
+
+    @inlineCallbacks
+    def test_workers_without_redis_refused(self):  # type: ignore[no-untyped-def]
+        process = self.twistd_with("[server]\nworkers = 2\n")
         code = yield process.ended
         self.assertEqual(code, 2)
         lines = process.errors.decode().strip().splitlines()
@@ -364,17 +368,10 @@ class WorkersTests(TestCase):
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        path = f"{directory}/c.toml"
-        with open(path, "w") as f:
-            f.write(
-                f'[server]\nworkers = 2\nlisten = ["tcp:{free_port()}:interface=127.0.0.1",'
-                f' "tcp:{port}:interface=127.0.0.1"]\n'
-                f'[tokens]\nkey_file = "{directory}/k"\n'
-                '[cluster]\nredis = "redis://127.0.0.1:1"\n'
-            )
-        process = run_twistd(self, f"--config={path}")
+        process = self.twistd_with(
+            f'[server]\nworkers = 2\nlisten = ["tcp:{free_port()}:interface=127.0.0.1",'
+            f' "tcp:{port}:interface=127.0.0.1"]\n[cluster]\nredis = "redis://127.0.0.1:1"\n'
+        )
         code = yield process.ended
         self.assertNotEqual(code, 0)
         lines = process.errors.decode().strip().splitlines()
