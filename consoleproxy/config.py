@@ -11,7 +11,7 @@ The keys, by section (see ``consoleproxy/examples/consoleproxy.toml``)::
     [server]    listen (list of endpoint strings), http_timeout, request_timeout,
                 max_header_bytes, max_body_bytes, trusted_proxies, drain_grace,
                 max_connections_per_client, max_connections_per_frontend,
-                descriptor_reserve, stall_timeout
+                descriptor_reserve, stall_timeout, workers
     [guacd]     endpoint, handshake_timeout, timezone
     [tokens]    key_file, lifetime, spent_file
     [relay]     max_message_size, allowed_origins, allow_missing_origin,
@@ -56,6 +56,7 @@ from zope.interface import implementer
 
 from consoleproxy.clouds.opennebula.console_settings import RUNNING_ONLY, VNC_LCM_STATES
 from consoleproxy.cluster.redis_client import load_trust_roots, parse_redis_url, read_password_file
+from consoleproxy.cluster.state import workers_problem
 from consoleproxy.consoles import ZoneIdError, zone_key
 from consoleproxy.guacamole.guacd import default_timezone
 from consoleproxy.net.clients import networks
@@ -103,6 +104,9 @@ class Config:
     )
     descriptor_reserve: int = field(default=128, metadata=_key("server.descriptor_reserve"))
     stall_timeout: float = field(default=10.0, metadata=_key("server.stall_timeout"))
+    # Worker processes sharing the listening sockets (consoleproxy/workers.py): a number
+    # or "auto" (one per core); more than 1 needs cluster.redis.
+    workers: int | str = field(default=1, metadata=_key("server.workers"))
     guacd: str = field(default="tcp:127.0.0.1:4822", metadata=_key("guacd.endpoint"))
     handshake_timeout: float = field(default=15.0, metadata=_key("guacd.handshake_timeout"))
     timezone: str = field(default_factory=default_timezone, metadata=_key("guacd.timezone"))
@@ -285,6 +289,7 @@ class Config:
         self._check_tunnels()
         self._check_federation()
         self._check_cluster()
+        self._check_workers()
         for name in ("one_vnc_states", "one_ssh_states", "one_rdp_states"):
             states = getattr(self, name)
             if not isinstance(states, list) or not all(
@@ -454,6 +459,22 @@ class Config:
             url = table.get("url", "")
             if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
                 raise ConfigError(f"{key}.url", "a ws:// or wss:// URL of that zone's relay")
+
+    def _check_workers(self) -> None:
+        """C{server.workers}: 1 to 256 or "auto" (the cores); more than one needs Redis."""
+        if self.workers == "auto":
+            self.workers = os.cpu_count() or 1
+        if isinstance(self.workers, str) and self.workers.isdigit():
+            self.workers = int(self.workers)  # from --workers
+        value = self.workers
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+            raise ConfigError(
+                self.key_of("workers"),
+                f'a number of processes from 1 to 256 or "auto", not {value!r}',
+            )
+        problem = workers_problem(self.workers, self.cluster_redis)
+        if problem is not None:
+            raise ConfigError(self.key_of("workers"), problem)
 
     def _check_cluster(self) -> None:
         """C{[cluster]}: the Redis URL, its password file (not world-readable), trust roots."""

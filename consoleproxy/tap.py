@@ -70,6 +70,15 @@ from consoleproxy.web.console_page import ConsoleModes, ConsolePage, GuacdProbe
 from consoleproxy.web.http_channel import HttpLimits
 from consoleproxy.web.landing import LandingPage
 from consoleproxy.web.site import ConsoleProxyWeb, Operations, build_site
+from consoleproxy.workers import (
+    WorkerControl,
+    WorkerRole,
+    WorkerSupervisor,
+    WorkerTagged,
+    adopted_endpoints,
+    tag_log_lines,
+    twistd_logger,
+)
 
 log = Logger()
 
@@ -153,11 +162,24 @@ class Options(usage.Options):
             "refused) and open sessions run on [server.drain_grace], default 30; 0: stop at once.",
             float,
         ],
+        [
+            "workers",
+            None,
+            None,
+            'Worker processes sharing the listening sockets [server.workers], default 1; "auto": '
+            "one per core.  More than 1 needs cluster.redis.",
+        ],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self.argv: list[str] = []
+
+    def parseOptions(self, options: Any = None) -> None:
+        """Parse, keeping the arguments: workers are started with the same ones."""
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_listen(self, description: str) -> None:
         """
@@ -180,6 +202,7 @@ class Options(usage.Options):
             ("token-lifetime", "token_lifetime"),
             ("handshake-timeout", "handshake_timeout"),
             ("drain-grace", "drain_grace"),
+            ("workers", "workers"),
             ("cloud", "cloud"),
             ("one-xmlrpc", "one_xmlrpc"),
             ("server-admin-auth", "one_server_admin_auth"),
@@ -582,6 +605,16 @@ def _stderr_is_discarded() -> bool:
     return (err.st_dev, err.st_ino) == (null.st_dev, null.st_ino)
 
 
+def listen_failed(description: str, error: BaseException) -> ListenFailed:
+    """The L{ListenFailed} to raise, its line logged (daemon) and printed alone (hook)."""
+    failed = ListenFailed(description, error)
+    if _stderr_is_discarded():
+        # A daemon: its parent prints only 100 bytes; the log has it all.
+        log.critical("{line}", line=str(failed))
+    sys.excepthook = _one_line_hook(sys.excepthook)
+    return failed
+
+
 def _one_line_hook(previous: Any) -> Any:
     """An interpreter exception hook printing L{ListenFailed} as its one line."""
 
@@ -643,6 +676,8 @@ class ShutdownService(MultiService):
         self._grace_over: Deferred[None] | None = None
         #: The stop signals received (SIGINT, SIGTERM), even before the stop began.
         self.received: list[int] = []
+        #: False in a worker: its main process says when to stop (workers.WorkerControl).
+        self.handle_signals = True
 
     def listen(self, description: str, endpoint: Any, factory: Any) -> StreamServerEndpointService:
         """
@@ -664,12 +699,7 @@ class ShutdownService(MultiService):
             try:
                 child.privilegedStartService()
             except Exception as e:
-                failed = ListenFailed(self._descriptions.get(child, "an endpoint"), e)
-                if _stderr_is_discarded():
-                    # A daemon: its parent prints only 100 bytes; the log has it all.
-                    log.critical("{line}", line=str(failed))
-                sys.excepthook = _one_line_hook(sys.excepthook)
-                raise failed from e
+                raise listen_failed(self._descriptions.get(child, "an endpoint"), e) from e
 
     def startService(self) -> None:
         if not self._listening:
@@ -682,7 +712,7 @@ class ShutdownService(MultiService):
             reopen = self.reopen
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(reopen))
         when_running = getattr(self.reactor, "callWhenRunning", None)
-        if when_running is not None and _main_thread():
+        if when_running is not None and _main_thread() and self.handle_signals:
             # After the reactor has set its own handlers, which it does once running.
             when_running(self._note_stop_signals)
 
@@ -746,7 +776,7 @@ class ShutdownService(MultiService):
         return gatherResults([maybeDeferred(child.stopService) for child in list(self)])
 
     def _second_signal_closes_all(self) -> None:
-        if not _main_thread():
+        if not _main_thread() or not self.handle_signals:
             return
 
         def again(signum: int, frame: Any) -> None:
@@ -777,6 +807,31 @@ def makeService(options: Options) -> IService:
         reserve=parts["config"].descriptor_reserve,
     )
     service = MultiService()
+    config = parts["config"]
+    role = WorkerRole.from_environment()
+    if role is None and config.workers > 1:
+        # The main process of several workers: it binds and supervises, never serves.
+        WorkerSupervisor(
+            parts["reactor"],
+            config.workers,
+            parts["endpoints"],
+            config.listen,
+            options.argv,
+            config.drain_grace,
+            listen_failed,
+            logger=twistd_logger(sys.argv, options.argv),
+        ).setServiceParent(service)
+        return service
+    endpoints = parts["endpoints"]
+    on_ready = None
+    if role is not None:
+        tag_log_lines(role.index)
+        endpoints = adopted_endpoints(parts["reactor"], role, endpoints)
+        parts["site"].resource = WorkerTagged(parts["site"].resource, role.index)
+        if role.metrics_dir:
+            parts["metrics"].share(role.metrics_dir)
+        on_ready = role.tell_ready
+        log.info("Worker {index} (pid {pid}) serving", index=role.index, pid=os.getpid())
     closers = [parts["tunnels"].pool.close]
     if hasattr(parts["cloud"], "close"):
         closers.append(parts["cloud"].close)
@@ -784,7 +839,6 @@ def makeService(options: Options) -> IService:
     if audit is not None:
         closers.append(audit.close)
     closers.append(parts["spent"].close)
-    config = parts["config"]
     serving = ShutdownService(
         parts["table"],
         config.drain_grace,
@@ -794,12 +848,15 @@ def makeService(options: Options) -> IService:
         reopen=audit.reopen if audit is not None else None,
     )
     serving.setServiceParent(service)
+    if role is not None:
+        serving.handle_signals = False
+        WorkerControl(parts["reactor"], role.control_fd, serving).setServiceParent(service)
     listening = [
         serving.listen(description, endpoint, parts["site"])
-        for description, endpoint in zip(config.listen, parts["endpoints"], strict=True)
+        for description, endpoint in zip(config.listen, endpoints, strict=True)
     ]
     # After the ports, so that it stops first: systemd hears STOPPING=1 as the drain begins.
-    SystemdNotifier(parts["reactor"], listening).setServiceParent(service)
+    SystemdNotifier(parts["reactor"], listening, on_ready=on_ready).setServiceParent(service)
     if parts["assets"].missing:
         log.warn(
             "The console page's libraries are not installed in {path} ({missing}): run "

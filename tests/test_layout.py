@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("guacamole",),
     ("net",),
 )
-ROOT_MODULES = frozenset({"tap", "config", "cli", "preflight", "__main__", "__init__"})
+ROOT_MODULES = frozenset({"tap", "config", "cli", "preflight", "workers", "__main__", "__init__"})
 CORE_MODULES = frozenset({"tokens", "consoles", "interfaces", "errors"})
 RANK = {unit: len(LAYERS) - i for i, units in enumerate(LAYERS) for unit in units}
 

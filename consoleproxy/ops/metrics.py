@@ -113,7 +113,13 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         self.sessions_open = Gauge(
-            "consoleproxy_sessions_open", "Console sessions open now", ["relay", "type"], registry=r
+            "consoleproxy_sessions_open",
+            "Console sessions open now",
+            ["relay", "type"],
+            registry=r,
+            # With several workers (prometheus_client's multiprocess mode): the host's sum
+            # over the living workers; ignored in one process.
+            multiprocess_mode="livesum",
         )
         self.sessions = Counter(
             "consoleproxy_sessions",
@@ -159,12 +165,40 @@ class Metrics:
             registry=r,
         )
         self.draining = Gauge(
-            "consoleproxy_draining", "1 while the server drains before stopping", registry=r
+            "consoleproxy_draining",
+            "1 while the server drains before stopping",
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self._tunnels: _TunnelCollector | None = None
         if process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
+
+    def share(self, path: str) -> None:
+        """
+        Render every worker's series, not only this process's: the metrics
+        above (written to C{path} by prometheus_client's multiprocess mode,
+        which C{PROMETHEUS_MULTIPROC_DIR} turned on before it was imported)
+        are read back from all the workers' files at each scrape, summed
+        (counters, histograms, C{livesum} gauges) or the largest (C{livemax}).
+        The process, platform and tunnel collectors stay this worker's own.
+        """
+        from prometheus_client import multiprocess  # noqa: PLC0415 - only with workers
+
+        for metric in (
+            self.sessions_open,
+            self.sessions,
+            self.relayed_bytes,
+            self.handshake_seconds,
+            self.session_refusals,
+            self.token_refusals,
+            self.api_requests,
+            self.rate_limits,
+            self.draining,
+        ):
+            self.registry.unregister(metric)
+        multiprocess.MultiProcessCollector(self.registry, path=path)
 
     # -- ISessionObserver -----------------------------------------------------------
 

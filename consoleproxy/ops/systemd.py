@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -66,11 +66,15 @@ class SystemdNotifier(Service):
         reactor: Any,
         listening: Iterable[StreamServerEndpointService],
         environ: Mapping[str, str] | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         """
         @param listening: the services whose endpoints must listen first.
         @param environ: where ``NOTIFY_SOCKET`` is read (default: os.environ).
+        @param on_ready: called too once every endpoint listens (a worker
+            tells its main process, which tells systemd once all are ready).
         """
+        self.on_ready = on_ready
         self.reactor = reactor
         self.listening = list(listening)
         self.environ = environ
@@ -92,6 +96,8 @@ class SystemdNotifier(Service):
         if any(port is None for port in ports) or len(ports) < len(self.listening):
             notify("STATUS=could not listen on every endpoint (see the log)", self.environ)
             return
+        if self.on_ready is not None:
+            self.on_ready()
         addresses = ", ".join(str(port.getHost()) for port in ports)
         self.ready_sent = notify(f"READY=1\nSTATUS=listening on {addresses}", self.environ)
 

@@ -162,13 +162,24 @@ class Served:
 
 
 @inlineCallbacks
-def serve(testcase: Any, guacd: Any, *, grace: float = 1.0, directory: str = "", port: int = 0):  # type: ignore[no-untyped-def]
+def serve(  # type: ignore[no-untyped-def]
+    testcase: Any,
+    guacd: Any,
+    *,
+    grace: float = 1.0,
+    directory: str = "",
+    port: int = 0,
+    server: str = "",
+    tail: str = "",
+):
     """
     Start consoleproxy under twistd on 127.0.0.1 with C{guacd} (a started
     fake), the test inventory and an audit log, and wait until it serves.
 
     @param directory: where its configuration, keys and state live (a new
         one when empty): give the same one to restart the same server.
+    @param server: more C{[server]} lines (C{workers = 2}, say).
+    @param tail: more sections (C{[cluster]}, say), at the end.
     @return: a Deferred firing with a L{Served}.
     """
     if not directory:
@@ -180,11 +191,13 @@ def serve(testcase: Any, guacd: Any, *, grace: float = 1.0, directory: str = "",
         f.write(
             f'[server]\nlisten = ["tcp:{port}:interface=127.0.0.1"]\n'
             f"drain_grace = {grace}\n"
+            f"{server}"
             f'[guacd]\nendpoint = "tcp:127.0.0.1:{guacd.port}"\n'
             f'[tokens]\nkey_file = "{directory}/k"\n'
             f'[inventory]\npath = "{write_inventory(directory)}"\n'
             "[relay]\nallow_missing_origin = true\n"
             f'[operations]\naudit_log = "{directory}/audit.jsonl"\n'
+            f"{tail}"
         )
     process = run_twistd(testcase, f"--config={config}")
     code, body = yield until_serving(testcase, process, port)
