@@ -19,15 +19,17 @@ the code under test, until that code exists; those tests state the documented be
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import tempfile
 import time
 from typing import Any
 
 from twisted.internet import reactor, ssl
-from twisted.internet.defer import Deferred, ensureDeferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SkipTest, TestCase
@@ -38,6 +40,7 @@ from consoleproxy import tap
 from consoleproxy.config import Config
 from tests.helpers.fakeguacd import FakeGuacd
 from tests.helpers.haproxy import HAProxy
+from tests.helpers.realservers import _descendants, _proc_table
 from tests.helpers.redis_server import RedisServer, start_redis
 from tests.helpers.support import basic, wait, write_inventory
 from tests.helpers.twistd import Twistd, free_port, run_twistd, until_serving
@@ -273,6 +276,16 @@ class ThroughHAProxyTests(HAProxyTestCase):
             yield ensureDeferred(
                 self.until(lambda c=conn, n=n: ["key", f"6{n}", "1"] in c.received, 5)
             )
+        # Least connections, not turns: with A's two consoles closed, the next two both go
+        # to A (round robin would put one on B, which still holds two).
+        for client, instance, _ in placed:
+            if instance.name == "a":
+                yield self.close(client)
+        yield ensureDeferred(self.until(lambda: self.proxy.servers()["a"]["scur"] == "0", 5))
+        for _ in range(2):
+            _, instance, _ = yield self.console()
+            self.assertEqual(instance.name, "a")
+        self.assertEqual(self.opened_on(), {"a": 4, "b": 2})
 
     @inlineCallbacks
     def test_real_client_address_and_no_forgery(self):  # type: ignore[no-untyped-def]
@@ -342,3 +355,186 @@ class ThroughHAProxyTests(HAProxyTestCase):
         self.assertFalse(clients["b"][0].closed.called)
         yield self.relays(clients["b"][1], clients["b"][0], "after")
         self.assertNotIn(b"Traceback", a.process.output)
+
+
+class AcrossInstancesTests(HAProxyTestCase):
+    """
+    Single use and caps hold for the cluster, not per instance, through one Redis; a Redis
+    outage refuses new consoles cleanly and leaves running ones alone (docs/notes-g.md).
+    """
+
+    def setUp(self) -> Deferred[None]:
+        require_cluster()
+        return super().setUp()
+
+    @inlineCallbacks
+    def outcome(self, client: GuacamoleClient):  # type: ignore[no-untyped-def]
+        """("opened", None) or ("closed", (code, reason)) of a WebSocket being opened."""
+        try:
+            yield client.opened
+        except ConnectionError:
+            closed = yield client.closed
+            return "closed", closed
+        return "opened", None
+
+    @inlineCallbacks
+    def test_token_opened_on_a_is_refused_on_b(self):  # type: ignore[no-untyped-def]
+        a, b = self.instances
+        token = yield self.mint()
+        first = yield self.open(token, port=a.port)
+        yield first.opened
+        replay = yield self.open(token, port=b.port)
+        result = yield self.outcome(replay)
+        self.assertEqual(result, ("closed", (1008, "769")))
+        self.assertEqual((len(a.guacd.connections), len(b.guacd.connections)), (1, 0))
+
+    @inlineCallbacks
+    def test_racing_opens_one_wins(self):  # type: ignore[no-untyped-def]
+        a, b = self.instances
+        # Directly on both instances at once, then through HAProxy (least connections
+        # sends two simultaneous opens to different instances).
+        for ports in ((a.port, b.port), (None, None)):
+            token = yield self.mint()
+            racers = []
+            for port in ports:
+                client = yield self.open(token, port=port)
+                racers.append(client)
+            results = yield DeferredList([self.outcome(c) for c in racers])
+            outcomes = sorted(r for _, r in results)
+            self.assertEqual(outcomes, [("closed", (1008, "769")), ("opened", None)])
+        self.assertEqual(len(a.guacd.connections) + len(b.guacd.connections), 2)
+
+    @inlineCallbacks
+    def test_per_user_cap_holds_over_both_instances(self):  # type: ignore[no-untyped-def]
+        placed = []
+        for _ in range(PER_USER):
+            client, instance, _ = yield self.console()
+            placed.append((client, instance))
+        self.assertEqual(sorted(set(i.name for _, i in placed)), ["a", "b"])  # spread
+        for port in (None, *(i.port for i in self.instances)):
+            token = yield self.mint()
+            over = yield self.open(token, port=port)
+            result = yield self.outcome(over)
+            self.assertEqual(result, ("closed", (1008, "797")), port)
+        # A slot given back on one instance is usable on either.
+        yield self.close(placed[0][0])
+        yield wait(0.5)
+        yield self.console()
+
+    @inlineCallbacks
+    def test_redis_outage_refuses_new_consoles_only(self):  # type: ignore[no-untyped-def]
+        a, _ = self.instances
+        client, _, conn = yield self.console()
+        spare = yield self.mint()
+        yield ensureDeferred(self.redis.stop())
+        # A new console is refused cleanly: "server error, try again" from the instance
+        # (1011 "512"), never opened.
+        refused = yield self.open(spare, port=a.port)
+        result = yield self.outcome(refused)
+        self.assertEqual(result, ("closed", (1011, "512")))
+        # Through HAProxy it is refused too (by the instance, or by HAProxy with 503 once
+        # /readyz took both instances out of the pool).
+        token = yield self.mint_or_none()
+        if token is not None:
+            other = yield self.open(token)
+            result = yield self.outcome(other)
+            self.assertEqual(result[0], "closed")
+        # The running console relays both ways all along.
+        yield self.relays(conn, client, "77")
+        client.send("3.key,2.65,1.1;")
+        yield ensureDeferred(self.until(lambda: ["key", "65", "1"] in conn.received, 5))
+        # Redis back: consoles open again (reconnection back-off: 10 s at most).
+        yield ensureDeferred(self.redis.restart())
+        start = time.monotonic()
+        while True:
+            token = yield self.mint_or_none()
+            if token is not None:
+                again = yield self.open(token)
+                result = yield self.outcome(again)
+                if result[0] == "opened":
+                    break
+            self.assertLess(time.monotonic() - start, 20, "no console within 20 s of Redis")
+            yield wait(0.5)
+        self.assertFalse(client.closed.called)
+
+    @inlineCallbacks
+    def mint_or_none(self):  # type: ignore[no-untyped-def]
+        """A token through HAProxy, or None when the answer is 503 (no instance ready)."""
+        code, body = yield self.get(
+            "/api/vm/8/guacamole/rdp", {b"Authorization": basic("bob", "builder")}
+        )
+        if code == 503:
+            return None
+        self.assertEqual(code, 200, body)
+        return json.loads(body)["data"]
+
+
+def guacd_sockets(pid: int, guacd_port: int) -> int:
+    """How many TCP connections process C{pid} holds to 127.0.0.1:C{guacd_port}."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    except OSError:
+        return 0
+    wanted = f"0100007F:{guacd_port:04X}"
+    count = 0
+    with open(f"/proc/{pid}/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[2] == wanted and fields[3] == "01" and fields[9] in inodes:
+                count += 1
+    return count
+
+
+class WorkerKillTests(HAProxyTestCase):
+    """server.workers = 2 on each instance; one worker of A dies by SIGKILL."""
+
+    workers = 2
+
+    def setUp(self) -> Deferred[None]:
+        require_workers()
+        require_cluster()
+        return super().setUp()
+
+    @inlineCallbacks
+    def test_killing_a_worker_loses_only_its_sessions(self):  # type: ignore[no-untyped-def]
+        a, _ = self.instances
+        placed = []
+        for _ in range(PER_USER):
+            client, instance, conn = yield self.console()
+            placed.append((client, instance, conn))
+        workers = sorted(_descendants(a.process.transport.pid, _proc_table()))
+        held = {pid: guacd_sockets(pid, a.guacd.port) for pid in workers}
+        victims = [pid for pid, n in held.items() if n]
+        if not victims:
+            self.fail(f"no worker of A holds a console: {held}")
+        victim = victims[0]
+        os.kill(victim, signal.SIGKILL)
+        # Its consoles end (guacd and the browser both see it); the others relay on.
+        yield wait(1.0)
+        lost = [(c, conn) for c, i, conn in placed if c.closed.called]
+        self.assertEqual(len(lost), held[victim])
+        for client, _, conn in placed:
+            if not client.closed.called:
+                yield self.relays(conn, client, "5")
+        # New consoles keep opening (another user's at once); the dead worker's cap slots
+        # come back (lease TTL: 30 s at most), so bob reaches his cap again.
+        token = yield self.mint("alice", "wonderland")
+        other = yield self.open(token)
+        yield other.opened
+        start = time.monotonic()
+        opened = 0
+        while opened < held[victim]:
+            token = yield self.mint()
+            client = yield self.open(token)
+            try:
+                yield client.opened
+                opened += 1
+            except ConnectionError:
+                self.assertLess(time.monotonic() - start, 45, "slots not back in 45 s")
+                yield wait(1.0)
+        self.assertFalse(a.process.ended.called)
