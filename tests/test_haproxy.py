@@ -258,7 +258,8 @@ class HAProxyTestCase(TestCase):
         """guacd's sync C{value} reaches the browser through the instance and HAProxy."""
         count = len(client.messages)
         guacd_connection.send("sync", value)
-        yield client.wait_messages(count + 1)
+        self.assertFalse(client.closed.called, "the console was closed")
+        yield client.wait_messages(count + 1).addTimeout(5, reactor)
         self.assertIn(f"4.sync,{len(value)}.{value};", client.text())
 
 
@@ -363,6 +364,28 @@ class ThroughHAProxyTests(HAProxyTestCase):
         self.assertFalse(clients["b"][0].closed.called)
         yield self.relays(clients["b"][1], clients["b"][0], "after")
         self.assertNotIn(b"Traceback", a.process.output)
+
+    @inlineCallbacks
+    def test_reload_keeps_running_consoles(self):  # type: ignore[no-untyped-def]
+        client, _, conn = yield self.console()
+        (old,) = self.proxy.workers()
+        self.proxy.reload()
+        yield ensureDeferred(self.until(lambda: len(self.proxy.workers()) == 2, 10))
+        # The old worker stays for the console it holds (no hard-stop-after in the
+        # example; a short one would have cut it by now), which relays both ways.
+        yield wait(2)
+        yield self.relays(conn, client, "r1")
+        client.send("3.key,2.66,1.1;")
+        yield ensureDeferred(self.until(lambda: ["key", "66", "1"] in conn.received, 5))
+        self.assertIn(old, self.proxy.workers())
+        # The new worker takes new consoles (its health checks bring both servers up).
+        yield ensureDeferred(self.until(lambda: self.proxy.status() == {"a": "UP", "b": "UP"}, 15))
+        other, _, _ = yield self.console()
+        self.assertFalse(other.closed.called)
+        # The console ends: the old worker has nothing left and exits.
+        yield self.close(client)
+        yield ensureDeferred(self.until(lambda: old not in self.proxy.workers(), 10))
+        self.assertEqual(len(self.proxy.workers()), 1)
 
 
 class AcrossInstancesTests(HAProxyTestCase):

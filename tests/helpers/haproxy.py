@@ -17,6 +17,7 @@ import csv
 import io
 import os
 import shutil
+import signal
 import socket
 import tempfile
 from typing import Any
@@ -29,7 +30,9 @@ from tests.helpers.realservers import (
     LOOPBACK,
     START_TIMEOUT,
     ServerStartError,
+    _descendants,
     _new_directory,
+    _proc_table,
     _require,
     _run,
     _spawn,
@@ -80,7 +83,7 @@ def haproxy_config(*, https: int, http: int, servers: tuple[int, int], pem: str,
 
 
 class HAProxy:
-    """One haproxy process (``haproxy -f CFG -db``) in front of two servers."""
+    """One haproxy (``haproxy -W -db -f CFG``: a master and its worker) before two servers."""
 
     def __init__(self, testcase: TestCase, reactor: Any, servers: tuple[int, int]) -> None:
         self.testcase = testcase
@@ -131,7 +134,8 @@ class HAProxy:
             self.testcase,
             self.reactor,
             "haproxy",
-            [self.program, "-f", self.config, "-db"],
+            # Master-worker (-W) as Debian's systemd unit runs it (-Ws): SIGUSR2 reloads.
+            [self.program, "-W", "-db", "-f", self.config],
             env={},
             path=self.directory,
         )
@@ -173,6 +177,14 @@ class HAProxy:
     def status(self) -> dict[str, str]:
         """Each server's state: ``UP``, ``DOWN``, or a transition (``UP 1/2``...)."""
         return {name: row["status"] for name, row in self.servers().items()}
+
+    def reload(self) -> None:
+        """Reload as ``systemctl reload haproxy`` does: SIGUSR2 to the master process."""
+        self.child.transport.signalProcess(signal.SIGUSR2)
+
+    def workers(self) -> list[int]:
+        """The pids of the master's worker processes (old ones stay while they hold tunnels)."""
+        return sorted(_descendants(self.child.transport.pid, _proc_table()))
 
     async def stop(self) -> None:
         """Stop haproxy (SIGTERM, then SIGKILL)."""
