@@ -39,7 +39,7 @@ from twisted.web.http_headers import Headers
 from consoleproxy import tap
 from consoleproxy.config import Config
 from tests.helpers.fakeguacd import FakeGuacd
-from tests.helpers.haproxy import HAProxy
+from tests.helpers.haproxy import HAProxy, check_as_shipped
 from tests.helpers.realservers import _descendants, _proc_table
 from tests.helpers.redis_server import RedisServer, start_redis
 from tests.helpers.support import basic, wait, write_inventory
@@ -92,6 +92,18 @@ def consoles(guacd: FakeGuacd) -> list[Any]:
     """guacd's connections that carry a console (HAProxy's /readyz checks make consoleproxy
     connect to guacd and close, without a handshake, every second)."""
     return [c for c in guacd.connections if c.select is not None]
+
+
+class ExampleTests(TestCase):
+    """The example as shipped (only the certificate path replaced) passes ``haproxy -c``."""
+
+    def test_valid_as_shipped(self) -> Deferred[None]:
+        async def check() -> None:
+            output = await check_as_shipped(self, reactor)
+            self.assertIn("Configuration file is valid", output)
+            self.assertNotIn("WARNING", output)
+
+        return ensureDeferred(check())
 
 
 class Instance:

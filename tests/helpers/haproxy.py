@@ -82,6 +82,16 @@ def haproxy_config(*, https: int, http: int, servers: tuple[int, int], pem: str,
     )
 
 
+def one_pem(path: str, cert: str, key: str) -> str:
+    """The certificate and its key in one PEM file (mode 0600), as HAProxy's C{crt} wants."""
+    with open(path, "wb") as out:
+        for part in (cert, key):
+            with open(part, "rb") as f:
+                out.write(f.read())
+    os.chmod(path, 0o600)
+    return path
+
+
 class HAProxy:
     """One haproxy (``haproxy -W -db -f CFG``: a master and its worker) before two servers."""
 
@@ -98,12 +108,7 @@ class HAProxy:
         key, cert, self.ca_pem = make_tls_files(
             FilePath(os.path.join(self.directory, "tls")), ("localhost", LOOPBACK)
         )
-        self.pem = os.path.join(self.directory, "tls", "console.pem")
-        with open(self.pem, "wb") as out:
-            for part in (cert, key):
-                with open(part, "rb") as f:
-                    out.write(f.read())
-        os.chmod(self.pem, 0o600)
+        self.pem = one_pem(os.path.join(self.directory, "tls", "console.pem"), cert, key)
         self.config = os.path.join(self.directory, "haproxy.cfg")
         with open(self.config, "w") as f:
             f.write(
@@ -189,6 +194,22 @@ class HAProxy:
     async def stop(self) -> None:
         """Stop haproxy (SIGTERM, then SIGKILL)."""
         await self.child.terminate()
+
+
+async def check_as_shipped(testcase: TestCase, reactor: Any) -> str:
+    """
+    ``haproxy -c`` of the example with only its certificate path replaced (by a test CA's
+    key and certificate): the lines the running tests substitute (binds on all addresses,
+    chroot, user, syslog, maxconn) are checked too.  haproxy's output.
+    """
+    program = _require("haproxy", "haproxy")
+    directory = _new_directory(testcase)
+    key, cert, _ = make_tls_files(FilePath(os.path.join(directory, "tls")))
+    pem = one_pem(os.path.join(directory, "console.pem"), cert, key)
+    config = os.path.join(directory, "haproxy.cfg")
+    with open(config, "w") as f:
+        f.write(substitute(FilePath(EXAMPLE).getContent().decode(), [(CERTIFICATE, pem)]))
+    return await _run(reactor, [program, "-c", "-f", config], env={}, path=directory)
 
 
 async def start_haproxy(testcase: TestCase, reactor: Any, servers: tuple[int, int]) -> HAProxy:
