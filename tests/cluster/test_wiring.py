@@ -165,6 +165,29 @@ class WiringTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_lease_given_back_on_refusal_and_handshake_failure(self) -> Deferred[None]:
+        """A session refused by guacd, or whose browser leaves during set-up, keeps no slot."""
+
+        async def go() -> None:
+            await self._setup(
+                lambda n: Behaviour(refuse_select=("no", 0x0207)) if n == 1 else Behaviour(),
+                max_sessions_per_user=1,
+            )
+            failed = await self.a.open(self.a.token())
+            self.assertEqual(await failed.closed, (1011, "519"))
+            gone = await self.b.open(self.b.token())
+            gone.dropConnection(abort=True)
+            await gone.closed
+            for proxy in (self.a, self.b):
+                leases = proxy.parts["cluster"].leases
+                await until(reactor, lambda leases=leases: len(leases) == 0)
+            await until(reactor, lambda: self.redis.command("ZCARD", "wiring:leases") == b":0\r\n")
+            ok = await opened(await self.a.open(self.a.token()))
+            ok.sendClose(1000)
+            await ok.closed
+
+        return ensureDeferred(go())
+
     def test_redis_away_fails_closed_and_comes_back(self) -> Deferred[None]:
         """
         Redis stopped: new consoles are refused with 1011 "512", /readyz says
