@@ -321,8 +321,11 @@ class TokenAuthority:
 
     @property
     def spent(self) -> int:
-        """How many opened, unexpired token ids are remembered."""
-        return len(self._spent)  # type: ignore[arg-type]
+        """
+        How many opened, unexpired token ids this process remembers (0 with
+        a shared store such as Redis's, which keeps them there).
+        """
+        return len(self._spent) if hasattr(self._spent, "__len__") else 0
 
 
 @implementer(ISpentTokens)
