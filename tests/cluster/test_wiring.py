@@ -116,6 +116,22 @@ class WiringTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_raw_vnc_replay_on_another_server_refused(self) -> Deferred[None]:
+        """The raw VNC relay spends its tokens in Redis too."""
+
+        async def go() -> None:
+            await self._setup()
+            closed_port = Console(7, "vnc", {"hostname": "127.0.0.1", "port": "1"})
+            token = self.a.parts["rfb"].tokens.seal(Identity("alice"), closed_port)
+            url = "ws://127.0.0.1:{}/rfb?token=" + token
+            first = await connect(url.format(self.a.port), protocols=["binary"])
+            _, reason = await first.closed  # nothing listens on port 1: refused upstream
+            self.assertNotEqual(reason, "769")
+            again = await connect(url.format(self.b.port), protocols=["binary"])
+            self.assertEqual(await again.closed, (1008, "769"))
+
+        return ensureDeferred(go())
+
     def test_racing_opens_one_wins(self) -> Deferred[None]:
         """One token opened at once on A and B (five times each): exactly one opens."""
 
