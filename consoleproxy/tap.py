@@ -34,7 +34,11 @@ from consoleproxy.clouds.opennebula.oned import SERVER_ADMIN_KEY, Oned, ServerAd
 from consoleproxy.clouds.opennebula.xmlrpc import XmlRpcClient, load_trust_roots
 from consoleproxy.clouds.opennebula.zones import ZoneDirectory
 from consoleproxy.clouds.passwords import PasswordVerifier
+from consoleproxy.cluster.ratelimit import ClusterRateLimiter
+from consoleproxy.cluster.state import ClusterState
+from consoleproxy.cluster.state import build as build_cluster_state
 from consoleproxy.config import Config, ConfigError, example_path
+from consoleproxy.interfaces import ISpentTokens
 from consoleproxy.net.clients import ClientAddresses, networks
 from consoleproxy.net.connlimit import ConnectionGate, DescriptorBudget, raise_descriptor_limit
 from consoleproxy.net.ratelimit import RateLimiter
@@ -47,10 +51,12 @@ from consoleproxy.ops.health import (
     guacd_check,
     inventory_check,
     oned_check,
+    redis_check,
     server_admin_check,
 )
 from consoleproxy.ops.metrics import Metrics, MetricsResource
 from consoleproxy.ops.systemd import SystemdNotifier
+from consoleproxy.relay.cluster_sessions import ClusterSessions
 from consoleproxy.relay.guacamole_relay import (
     FederationSettings,
     GuacamoleRelayFactory,
@@ -246,9 +252,13 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
     except KeyFileError as e:
         raise ConfigError(Config.key_of("key_file"), str(e)) from e
     spent = build_spent(config, reactor)
+    cluster = build_cluster(config, reactor)
+    # With Redis, a token opens once in the whole cluster (the file stays for
+    # nothing but its own close); without, once in this process, across restarts.
+    spending: ISpentTokens = cluster.spent if cluster is not None else spent
     cloud = build_cloud(config, reactor)
     tunnels = build_tunnels(config, reactor)
-    tokens = TokenAuthority(keyring, reactor, lifetime=config.token_lifetime, spent=spent)
+    tokens = TokenAuthority(keyring, reactor, lifetime=config.token_lifetime, spent=spending)
     clients = ClientAddresses(networks(config.trusted_proxies))
     table = SessionTable(
         reactor, max_total=config.max_sessions, max_per_user=config.max_sessions_per_user
@@ -256,6 +266,8 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
     metrics = Metrics()
     events = SessionEvents(metrics)
     metrics.watch_tunnels(tunnels)
+    if cluster is not None:
+        metrics.watch_cluster(cluster.client)
     audit = build_audit(config, reactor)
     if audit is not None:
         events.add(audit)
@@ -268,7 +280,21 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
         ping_interval=config.ping_interval,
         stall_timeout=config.relay_stall_timeout,
         events=events,
-        upgrade_limiter=RateLimiter(reactor, config.upgrade_rate, config.upgrade_burst),
+        upgrade_limiter=(
+            ClusterRateLimiter(
+                cluster.client,
+                reactor,
+                config.upgrade_rate,
+                config.upgrade_burst,
+                name="upgrade",
+                prefix=config.cluster_key_prefix,
+            )
+            if cluster is not None
+            else RateLimiter(reactor, config.upgrade_rate, config.upgrade_burst)
+        ),
+        cluster=(
+            ClusterSessions(cluster.leases, cluster.registry) if cluster is not None else None
+        ),
     )
     relay = GuacamoleRelayFactory(
         tokens,
@@ -288,7 +314,7 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
     rfb_tokens = rfb = None
     if config.rfb_enabled:
         rfb_tokens = TokenAuthority(
-            keyring, reactor, lifetime=config.token_lifetime, purpose=RFB_PURPOSE, spent=spent
+            keyring, reactor, lifetime=config.token_lifetime, purpose=RFB_PURPOSE, spent=spending
         )
         rfb = RfbRelayFactory(
             rfb_tokens,
@@ -319,13 +345,17 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
             ),
             health=HealthResource(),
             readiness=ReadinessResource(
-                readiness_checks(config, guacd_endpoint, cloud),
+                readiness_checks(config, guacd_endpoint, cloud, cluster),
                 reactor,
                 timeout=config.ready_timeout,
                 draining=lambda: table.draining,
             ),
             observer=metrics,
-            limiter=RateLimiter(reactor, config.api_rate, config.api_burst),
+            limiter=(
+                cluster.api_rate
+                if cluster is not None
+                else RateLimiter(reactor, config.api_rate, config.api_burst)
+            ),
             draining=lambda: table.draining,
             retry_after=max(1, math.ceil(config.drain_grace)),
         ),
@@ -361,7 +391,35 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
         "cloud": cloud,
         "tunnels": tunnels,
         "spent": spent,
+        "cluster": cluster,
     }
+
+
+def build_cluster(config: Config, reactor: Any) -> ClusterState | None:
+    """
+    The state shared with the other processes through C{cluster.redis}
+    (spent tokens, session caps, rate limits, live sessions), not started;
+    C{None} without Redis: everything stays in this process.
+
+    @raise ConfigError: the password file or trust roots became unusable
+        since the configuration was checked.
+    """
+    if not config.cluster_redis:
+        return None
+    try:
+        return build_cluster_state(
+            reactor,
+            url=config.cluster_redis,
+            password_file=config.cluster_redis_password_file,
+            trust_roots=config.cluster_trust_roots,
+            prefix=config.cluster_key_prefix,
+            max_sessions=config.max_sessions,
+            max_sessions_per_user=config.max_sessions_per_user,
+            api_rate=config.api_rate,
+            api_burst=config.api_burst,
+        )
+    except ValueError as e:
+        raise ConfigError(Config.key_of("cluster_redis"), str(e)) from e
 
 
 def build_spent(config: Config, reactor: Any) -> SpentTokensFile:
@@ -387,9 +445,16 @@ def build_audit(config: Config, reactor: Any) -> AuditLog | None:
     return AuditLog(sys.stdout if config.audit_log == "-" else config.audit_log, reactor)
 
 
-def readiness_checks(config: Config, guacd: Any, cloud: Any) -> dict[str, Check]:
-    """What ``/readyz`` asks: guacd (when configured) and the cloud backend."""
+def readiness_checks(
+    config: Config, guacd: Any, cloud: Any, cluster: ClusterState | None = None
+) -> dict[str, Check]:
+    """
+    What ``/readyz`` asks: guacd (when configured), the cloud backend, and
+    the cluster's Redis (C{cluster.redis}; without it no token opens).
+    """
     checks: dict[str, Check] = {}
+    if cluster is not None:
+        checks["cluster.redis"] = redis_check(cluster.client)
     if config.has_guacd:
         checks["guacd"] = guacd_check(guacd)
     if isinstance(cloud, InventoryCloud):
@@ -629,6 +694,18 @@ def _one_line_hook(previous: Any) -> Any:
     return hook
 
 
+class _ClusterStart(Service):
+    """Connects the cluster's state (Redis) when the server starts; L{ShutdownService}
+    disconnects it after the drain (its closers)."""
+
+    def __init__(self, cluster: ClusterState) -> None:
+        self.cluster = cluster
+
+    def startService(self) -> None:
+        super().startService()
+        self.cluster.start()
+
+
 class ShutdownService(MultiService):
     """
     The listening ports (its children) and the graceful stop.
@@ -839,6 +916,12 @@ def makeService(options: Options) -> IService:
     if audit is not None:
         closers.append(audit.close)
     closers.append(parts["spent"].close)
+    cluster = parts.get("cluster")
+    if cluster is not None:
+        # Connected with the service, disconnected after the drain (and after
+        # the sessions gave their leases back).
+        _ClusterStart(cluster).setServiceParent(service)
+        closers.append(cluster.stop)
     serving = ShutdownService(
         parts["table"],
         config.drain_grace,

@@ -40,6 +40,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -265,9 +266,16 @@ class TokenAuthority:
         sealed = header + aead.encrypt(nonce, plaintext, header[: 1 + _KEY_ID_BYTES])
         return base64.urlsafe_b64encode(sealed).rstrip(b"=").decode("ascii")
 
-    def open(self, token: str, zone: str | None = None) -> Claims:
+    def open(self, token: str, zone: str | None = None) -> Claims | Deferred[Claims]:
         """
         Open a token and spend it.
+
+        With an in-memory or file store the answer is immediate (the claims,
+        or L{TokenError} raised); with a store that answers a Deferred
+        (L{consoleproxy.cluster.spent_tokens.RedisSpentTokens}) it is a
+        Deferred firing with the claims, failing with L{TokenError}
+        (C{replayed}) or with the store's error (C{RedisUnavailable}).  Every
+        check before spending still raises at once.
 
         @param zone: the zone the token must be for: C{None} for tokens of this
             zone's own consoles, else the id of the zone being served (``00``
@@ -302,14 +310,22 @@ class TokenAuthority:
             raise TokenError("wrong-zone")
         if claims.expires <= self._clock.seconds():
             raise TokenError("expired")
-        if not self._spent.spend(nonce, claims.expires):
+        answer = self._spent.spend(nonce, claims.expires)
+        if isinstance(answer, Deferred):
+            # A shared store (Redis): wait for it; a replay fails the Deferred
+            # with TokenError, a store that cannot answer with its own error.
+            return answer.addCallback(_first_use, claims)
+        if not answer:
             raise TokenError("replayed")
         return claims
 
     @property
     def spent(self) -> int:
-        """How many opened, unexpired token ids are remembered."""
-        return len(self._spent)  # type: ignore[arg-type]
+        """
+        How many opened, unexpired token ids this process remembers (0 with
+        a shared store such as Redis's, which keeps them there).
+        """
+        return len(self._spent) if hasattr(self._spent, "__len__") else 0
 
 
 @implementer(ISpentTokens)
@@ -459,6 +475,13 @@ def _parse_spent_line(line: str) -> tuple[float, bytes] | None:
     if len(token_id) != _NONCE_BYTES or not math.isfinite(when):
         return None
     return when, token_id
+
+
+def _first_use(first: bool, claims: Claims) -> Claims:
+    """The shared store's answer: the claims for a first use, else C{replayed}."""
+    if not first:
+        raise TokenError("replayed")
+    return claims
 
 
 def _parse_claims(plaintext: bytes, token_id: bytes) -> Claims:

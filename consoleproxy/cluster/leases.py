@@ -26,6 +26,7 @@ on one Redis (a Redis Cluster would need one hash tag for all of them).
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +133,10 @@ class ClusterLeases(Holdings):
         self.max_total = max_total
         self.max_per_user = max_per_user
         self._ids = itertools.count(1)
+        # Host and pid alone are not unique: two ClusterLeases in one process,
+        # or containers that share a host name and each run as pid 1, would
+        # make the same lease ids and overwrite each other's slots.
+        self._instance = os.urandom(4).hex()
         self._held: dict[str, Lease] = {}
 
     @property
@@ -153,7 +158,7 @@ class ClusterLeases(Holdings):
         @return: a Deferred firing with the L{Lease}; failing with
             L{SessionCapReached} at a cap, L{RedisUnavailable} without Redis.
         """
-        lease = Lease(f"{self.worker}:{next(self._ids)}", user)
+        lease = Lease(f"{self.worker}:{self._instance}:{next(self._ids)}", user)
         keys = [self.global_key, self.user_key(user)]
         args = [lease.id, self.ttl_ms, self.max_total, self.max_per_user]
 

@@ -20,7 +20,7 @@ The check builders: L{guacd_check} (a TCP connection to guacd, TLS handshake
 included for a ``tls:`` endpoint, then closed), L{oned_check}
 (``one.system.version``), L{server_admin_check} (oned accepts
 ``opennebula.server_admin_auth``, advisory), L{inventory_check} (the inventory
-file is the one in use).
+file is the one in use), L{redis_check} (the cluster's Redis is available).
 """
 
 from __future__ import annotations
@@ -303,6 +303,25 @@ def inventory_check(cloud: InventoryCloud) -> Check:
         problem = cloud.file_problem()
         if problem is not None:
             raise RuntimeError(f"{problem} (the previous inventory is in use)")
+        return succeed(None)
+
+    return check
+
+
+def redis_check(client: Any) -> Check:
+    """
+    A check that the cluster's Redis is available (C{cluster.redis}): without
+    it no token can be opened (they fail closed, status 512), so a load
+    balancer should send new consoles to another instance.  It reads the
+    client's state (kept by its own pings and back-off): no call per probe.
+
+    @param client: a L{consoleproxy.cluster.redis_client.RedisClient}
+        (C{available}, C{problem}).
+    """
+
+    def check() -> Deferred[None]:
+        if not client.available:
+            raise RuntimeError(f"Redis unavailable: {client.problem}")
         return succeed(None)
 
     return check

@@ -170,6 +170,8 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        #: Exported once there is a cluster (L{watch_cluster}).
+        self.cluster_redis_available: Gauge | None = None
         self._tunnels: _TunnelCollector | None = None
         if process:
             ProcessCollector(registry=r)
@@ -249,6 +251,22 @@ class Metrics:
     def set_draining(self, draining: bool) -> None:
         """Say whether the server is draining (1) or serving (0)."""
         self.draining.set(1 if draining else 0)
+
+    def watch_cluster(self, client: Any) -> None:
+        """
+        Export C{consoleproxy_cluster_redis_available}: 1 while the cluster's
+        Redis (C{cluster.redis}) answers, 0 while it does not (new consoles
+        are refused with status 512 then); absent without C{cluster.redis}.
+        """
+        gauge = self.cluster_redis_available
+        if gauge is None:
+            gauge = self.cluster_redis_available = Gauge(
+                "consoleproxy_cluster_redis_available",
+                "1 while the cluster's Redis answers, 0 while it does not",
+                registry=self.registry,
+            )
+        gauge.set(1 if client.available else 0)
+        client.add_observer(lambda available: gauge.set(1 if available else 0))
 
     def watch_tunnels(self, tunnels: TunnelCounts) -> None:
         """Export C{tunnels}' live counts at each scrape (replaces an earlier one)."""

@@ -116,14 +116,9 @@ class GuacamoleRelayProtocol(RelaySession):
             token = token_value(request.params)
             if zone is not None and zone != self.factory.local_zone:
                 return self._via_zone(request, zone, token)
-            self._claims = self._open_local(token, zone)
-            display = Display.from_query(request.params, self._claims.console.console_type)
-            if self._claims.console.zone not in (None, self.factory.local_zone):
-                raise GuacamoleError(
-                    Status.CLIENT_FORBIDDEN,
-                    f"token is for zone {self._claims.console.zone}, not this one",
-                )
-            self._reserve(self._claims.user)
+            checked = self._checked(
+                self._open_local(token, zone), lambda claims: self._display(request, claims)
+            )
         except TokenError as e:
             self.factory.refused_token(e.reason)
             return self._refuse(Status.CLIENT_UNAUTHORIZED, f"token refused ({e.reason})")
@@ -131,10 +126,27 @@ class GuacamoleRelayProtocol(RelaySession):
             return self._refuse(e.status, str(e))
         self.transport.pauseProducing()
         self._pending = True
+        if isinstance(checked, Deferred):  # the cluster's answer (Redis)
+            return checked.addCallback(self._find_route).addCallbacks(
+                self._guacd_ready, self._setup_failed
+            )
+        return self._find_route(checked).addCallbacks(self._guacd_ready, self._setup_failed)
+
+    def _display(self, request: ConnectionRequest, claims: Claims) -> Display:
+        """The display asked for, once the token is known to be for this zone."""
+        display = Display.from_query(request.params, claims.console.console_type)
+        if claims.console.zone not in (None, self.factory.local_zone):
+            raise GuacamoleError(
+                Status.CLIENT_FORBIDDEN,
+                f"token is for zone {claims.console.zone}, not this one",
+            )
+        return display
+
+    def _find_route(self, display: Display) -> Deferred[GuacdProtocol]:
+        """The session has its place: find the way to the console, then guacd."""
+        assert self._claims is not None
         routing = self.factory.tunnels.route(self._claims.console)
-        return routing.addCallback(self._routed, display).addCallbacks(
-            self._guacd_ready, self._setup_failed
-        )
+        return routing.addCallback(self._routed, display)
 
     def _routed(self, route: Route, display: Display) -> Deferred[GuacdProtocol]:
         """The way to the console is known (maybe a tunnel): now guacd."""
@@ -156,7 +168,7 @@ class GuacamoleRelayProtocol(RelaySession):
         )
         return self._connecting
 
-    def _open_local(self, token: str, zone: str | None) -> Claims:
+    def _open_local(self, token: str, zone: str | None) -> Claims | Deferred[Claims]:
         """A token for a console of this zone: minted here, or by another zone for this one."""
         if zone is not None:
             try:
@@ -169,9 +181,10 @@ class GuacamoleRelayProtocol(RelaySession):
     def _via_zone(self, request: ConnectionRequest, zone: str, token: str) -> Any:
         """A console of another zone: open the token for it, then hop to its proxy."""
         try:
-            self._claims = self.factory.tokens.open(token, zone)
-            display = Display.from_query(request.params, self._claims.console.console_type)
-            self._reserve(self._claims.user)
+            checked = self._checked(
+                self.factory.tokens.open(token, zone),
+                lambda claims: Display.from_query(request.params, claims.console.console_type),
+            )
         except TokenError as e:
             self.factory.refused_token(e.reason)
             return self._refuse(Status.CLIENT_UNAUTHORIZED, f"token refused ({e.reason})")
@@ -179,18 +192,25 @@ class GuacamoleRelayProtocol(RelaySession):
             return self._refuse(e.status, str(e))
         directory, hop = self.factory.zones, self.factory.federation
         if directory is None or hop is None:
+            if isinstance(checked, Deferred):
+                checked.addErrback(lambda _: None)  # the refusal below says enough
             return self._refuse(Status.RESOURCE_NOT_FOUND, f"zone {zone} is unknown")
         self._zone = zone
-        query = {
-            "token": token,
-            "zone": zone,
-            "width": str(display.width),
-            "height": str(display.height),
-            "dpi": str(display.dpi),
-            **display.parameters,
-        }
         self.transport.pauseProducing()
         self._pending = True
+
+        def look_up(display: Display) -> Deferred[Zone]:
+            query.update(
+                {
+                    "width": str(display.width),
+                    "height": str(display.height),
+                    "dpi": str(display.dpi),
+                    **display.parameters,
+                }
+            )
+            return directory.lookup(zone)
+
+        query = {"token": token, "zone": zone}
 
         def reach(found: Zone) -> Deferred[ZoneHop]:
             assert found.url is not None
@@ -205,11 +225,10 @@ class GuacamoleRelayProtocol(RelaySession):
                 max_message_size=MAX_OUTGOING_MESSAGE,
             )
 
-        return (
-            directory.lookup(zone)
-            .addCallback(reach)
-            .addCallbacks(self._zone_ready, self._setup_failed)
+        looked_up = (
+            checked.addCallback(look_up) if isinstance(checked, Deferred) else look_up(checked)
         )
+        return looked_up.addCallback(reach).addCallbacks(self._zone_ready, self._setup_failed)
 
     def _zone_ready(self, hop: ZoneHop) -> str:
         self._pending = False

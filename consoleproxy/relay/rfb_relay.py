@@ -54,6 +54,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClien
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
+from consoleproxy.consoles import Console
 from consoleproxy.guacamole.status import GuacamoleError, Status
 from consoleproxy.interfaces import ITunnels
 from consoleproxy.net.factories import SingleProtocolFactory
@@ -67,7 +68,7 @@ from consoleproxy.relay.websocket import (
     RelaySession,
     token_value,
 )
-from consoleproxy.tokens import TokenAuthority, TokenError
+from consoleproxy.tokens import Claims, TokenAuthority, TokenError
 from consoleproxy.tunnels.routes import Route
 
 SUBPROTOCOL = "binary"
@@ -517,15 +518,9 @@ class RfbRelayProtocol(RelaySession):
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "subprotocol 'binary' required")
         try:
             self._admit(request)
-            self._claims = self.factory.tokens.open(token_value(request.params))
-            console = self._claims.console
-            if console.console_type != "vnc":
-                raise GuacamoleError(Status.CLIENT_FORBIDDEN, "raw VNC tokens are for VNC only")
-            if console.zone is not None:
-                raise GuacamoleError(
-                    Status.CLIENT_FORBIDDEN, f"token is for zone {console.zone}, not this one"
-                )
-            self._reserve(self._claims.user)
+            checked = self._checked(
+                self.factory.tokens.open(token_value(request.params)), _vnc_console
+            )
         except TokenError as e:
             self.factory.refused_token(e.reason)
             return self._refuse(Status.CLIENT_UNAUTHORIZED, f"token refused ({e.reason})")
@@ -533,7 +528,10 @@ class RfbRelayProtocol(RelaySession):
             return self._refuse(e.status, str(e))
         self.transport.pauseProducing()
         self._pending = True
-        routing = self.factory.tunnels.route(console)
+        if isinstance(checked, Deferred):  # the cluster's answer (Redis)
+            routing = checked.addCallback(self.factory.tunnels.route)
+        else:
+            routing = self.factory.tunnels.route(checked)
         return routing.addCallback(self._routed).addCallbacks(
             self._upstream_ready, self._setup_failed
         )
@@ -728,3 +726,15 @@ class RfbRelayFactory(RelayFactory):
 def RfbRelayResource(factory: RfbRelayFactory) -> RelayResource:
     """The raw VNC relay in twisted.web (see L{RelayResource})."""
     return RelayResource(factory, SUBPROTOCOL)
+
+
+def _vnc_console(claims: Claims) -> Console:
+    """A raw VNC token's console, if it is one this relay serves."""
+    console = claims.console
+    if console.console_type != "vnc":
+        raise GuacamoleError(Status.CLIENT_FORBIDDEN, "raw VNC tokens are for VNC only")
+    if console.zone is not None:
+        raise GuacamoleError(
+            Status.CLIENT_FORBIDDEN, f"token is for zone {console.zone}, not this one"
+        )
+    return console

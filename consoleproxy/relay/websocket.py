@@ -25,7 +25,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -39,6 +39,9 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from consoleproxy.cluster.leases import Lease
+from consoleproxy.cluster.ratelimit import ClusterRateLimiter
+from consoleproxy.cluster.redis_client import RedisUnavailable
 from consoleproxy.guacamole.status import GuacamoleError, Status
 from consoleproxy.interfaces import ITunnels
 from consoleproxy.net.clients import Client, ClientAddresses, in_networks
@@ -46,6 +49,7 @@ from consoleproxy.net.fastwrite import write_now
 from consoleproxy.net.logsafe import log_safe
 from consoleproxy.net.ratelimit import LineThrottle, RateLimiter, retry_after
 from consoleproxy.net.routing import client_of, json_body
+from consoleproxy.relay.cluster_sessions import ClusterSessions
 from consoleproxy.relay.origins import OriginPolicy
 from consoleproxy.relay.session_events import SessionEvents, SessionRecord
 from consoleproxy.relay.sessions import SessionTable
@@ -53,6 +57,12 @@ from consoleproxy.tokens import Claims, TokenAuthority, TokenError
 from consoleproxy.tunnels.routes import DirectRoutes, Route
 
 # Autobahn's own failures carry text reasons; the browser needs the status.
+_T = TypeVar("_T")
+_log = Logger()
+#: The token refusal reason (metrics, audit) when Redis cannot say whether a
+#: token was used: the session is refused with SERVER_ERROR (512, close 1011).
+CLUSTER_UNAVAILABLE = "cluster-unavailable"
+
 _STATUS_OF_CLOSE_CODE = {
     1002: Status.CLIENT_BAD_REQUEST,
     1003: Status.CLIENT_BAD_TYPE,
@@ -274,6 +284,9 @@ class RelayPolicy:
         frontend that names no client (another zone's proxy) is not limited.
     @ivar refusal_lines: how often a client's refusals are logged (C{None}:
         each relay factory keeps its own default throttle).
+    @ivar cluster: the sessions' shared state across processes (leases for
+        the caps, the registry, kills; relay/cluster_sessions.py); C{None}:
+        this process alone (no Redis configured).
     """
 
     origins: OriginPolicy = field(default_factory=lambda: OriginPolicy([], allow_missing=True))
@@ -284,8 +297,9 @@ class RelayPolicy:
     ping_interval: float = 0.0
     stall_timeout: float = STALL_TIMEOUT
     events: SessionEvents = field(default_factory=SessionEvents)
-    upgrade_limiter: RateLimiter | None = None
+    upgrade_limiter: RateLimiter | ClusterRateLimiter | None = None
     refusal_lines: LineThrottle | None = None
+    cluster: ClusterSessions | None = None
 
 
 class RelayFactory(WebSocketServerFactory):
@@ -386,6 +400,8 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
     def __init__(self) -> None:
         super().__init__()
         self._claims: Claims | None = None
+        self._lease: Lease | None = None
+        self._cluster_id: str | None = None
         self._route: Route | None = None
         self._connecting: Deferred[Any] | None = None
         self._refusal: tuple[Status, str] | None = None
@@ -524,13 +540,54 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
                 Status.CLIENT_FORBIDDEN, f"Origin {request.origin or '(none)'!r} is not allowed"
             )
 
-    def _reserve(self, user: str) -> None:
+    def _reserve(self, user: str) -> Deferred[None] | None:
         """
-        Take the session's place in the server's table (caps, drain).
+        Take the session's place in the server's table (caps, drain), and
+        with a cluster its lease (the caps across every process).
 
-        @raise GuacamoleError: SERVER_BUSY or CLIENT_TOO_MANY.
+        @return: C{None} when done (no cluster), else a Deferred that fires
+            once the lease is held (failing with L{SessionCapReached} at a
+            cap, L{RedisUnavailable} without Redis).
+        @raise GuacamoleError: SERVER_BUSY or CLIENT_TOO_MANY (this process).
         """
         self.factory.table.reserve(self, user)
+        cluster = self.factory.policy.cluster
+        if cluster is None:
+            return None
+
+        def held(lease: Lease) -> None:
+            if self._gone:  # the browser left meanwhile: give it back now
+                cluster.release(lease)
+                raise CancelledError()
+            self._lease = lease
+
+        return cluster.acquire(user).addCallback(held)
+
+    def _checked(
+        self, opened: Claims | Deferred[Claims], check: Callable[[Claims], _T]
+    ) -> _T | Deferred[_T]:
+        """
+        The token is open (or opening): keep its claims, C{check} them (it
+        raises a GuacamoleError to refuse), take the session's place.
+
+        Immediate when the token store and the caps are this process's
+        (exceptions raised, no extra reactor turn); a Deferred when they are
+        the cluster's (Redis), failing with the same exceptions.
+        """
+        if isinstance(opened, Deferred):
+            return opened.addCallback(self._still_here).addCallback(self._checked, check)
+        self._claims = opened
+        result = check(opened)
+        reserving = self._reserve(opened.user)
+        if reserving is None:
+            return result
+        return reserving.addCallback(lambda _: result)
+
+    def _still_here(self, claims: Claims) -> Claims:
+        """After a wait: the claims, or CancelledError if the browser has gone."""
+        if self._gone:
+            raise CancelledError()
+        return claims
 
     def onMessageBegin(self, isBinary: bool) -> None:
         super().onMessageBegin(isBinary)
@@ -601,6 +658,14 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         if failure.check(CancelledError):
             # The browser left meanwhile: nobody to answer.
             return Failure(ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "client gone"))
+        if failure.check(TokenError):  # a shared store's answer: replayed
+            reason = failure.value.reason
+            self.factory.refused_token(reason)
+            return self._refuse(Status.CLIENT_UNAUTHORIZED, f"token refused ({reason})")
+        if failure.check(RedisUnavailable):
+            # Fail closed: nothing is opened unchecked (the client logs the outage once).
+            self.factory.refused_token(CLUSTER_UNAVAILABLE)
+            return self._refuse(failure.value.status, f"cluster unavailable ({failure.value})")
         if failure.check(GuacamoleError):
             return self._refuse(failure.value.status, str(failure.value))
         self._log.failure(
@@ -659,6 +724,18 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
             connection_id=connection_id,
         )
         events.session_opened(self._record)
+        cluster = self.factory.policy.cluster
+        if cluster is not None:
+            self._cluster_id = cluster.new_id()
+            cluster.opened(
+                self._cluster_id,
+                self,
+                user=claims.user,
+                vm=str(claims.console.vm_id),
+                type=claims.console.console_type,
+                zone=zone or str(claims.console.zone or ""),
+                client=self._client_host(),
+            )
         policy = self.factory.policy
         if policy.session_timeout > 0:
             self._deadline = clock.callLater(policy.session_timeout, self._session_expired)
@@ -704,6 +781,15 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         self._deadline = None
         limit = self.factory.policy.session_timeout
         self._end(Status.SESSION_CLOSED, f"session time limit of {limit:g} s reached")
+
+    @property
+    def cluster_id(self) -> str | None:
+        """The session's id in the cluster's registry (C{None}: no cluster, or not open)."""
+        return self._cluster_id
+
+    def end_by_request(self, status: Status, message: str) -> None:
+        """Ended from elsewhere (a kill through the cluster): close both sides."""
+        self._end(status, message)
 
     def shut_down(self) -> None:
         """The server is stopping: close now, with WebSocket code 1001."""
@@ -865,6 +951,13 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
                 call.cancel()
             setattr(self, name, None)
         self.factory.table.release(self)
+        cluster = self.factory.policy.cluster
+        if cluster is not None:
+            if self._lease is not None:
+                lease, self._lease = self._lease, None
+                cluster.release(lease)
+            if self._cluster_id is not None:
+                cluster.closed(self._cluster_id)
         if self._connecting is not None:
             connecting, self._connecting = self._connecting, None
             connecting.cancel()
@@ -924,19 +1017,48 @@ class RelayResource(WebSocketResource):
         client = client_of(request)
         # A trusted frontend that names no client is another zone's proxy hopping
         # here with its users' consoles: not limited as one client.
-        if limiter is not None and not in_networks(
-            client.host, self._factory.policy.clients.trusted
-        ):
-            wait = limiter.take(client.rate_key())
-            if wait is not None:
-                # Before anything is set up (no Autobahn, no token check, no log line).
-                request.setHeader(b"Retry-After", str(retry_after(wait)).encode())
-                return json_body(
-                    request,
-                    429,
-                    "Too Many Requests",
-                    f"too many WebSocket upgrades; retry in {retry_after(wait)} s",
-                )
+        if limiter is None or in_networks(client.host, self._factory.policy.clients.trusted):
+            return self._upgrade(request)
+        wait = limiter.take(client.rate_key())
+        if not isinstance(wait, Deferred):
+            return self._upgrade_unless_limited(request, wait)
+        # The cluster's limiter (Redis): its answer may come later.
+        state: dict[str, Any] = {"synchronous": True, "value": NOT_DONE_YET}
+
+        def answered(wait: float | None) -> None:
+            if state["synchronous"]:
+                state["value"] = self._upgrade_unless_limited(request, wait)
+                return
+            if request.channel is None or request.channel.transport is None:
+                return  # the client left meanwhile
+            result = self._upgrade_unless_limited(request, wait)
+            if result is not NOT_DONE_YET:
+                request.write(result)
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            _log.failure("The WebSocket upgrade limit failed", failure)
+            answered(None)
+
+        wait.addCallbacks(answered, failed)
+        state["synchronous"] = False
+        return state["value"]
+
+    def _upgrade_unless_limited(self, request: Request, wait: float | None) -> Any:
+        """A 429 when the client must wait, else the upgrade."""
+        if wait is not None:
+            # Before anything is set up (no Autobahn, no token check, no log line).
+            request.setHeader(b"Retry-After", str(retry_after(wait)).encode())
+            return json_body(
+                request,
+                429,
+                "Too Many Requests",
+                f"too many WebSocket upgrades; retry in {retry_after(wait)} s",
+            )
+        return self._upgrade(request)
+
+    def _upgrade(self, request: Request) -> Any:
+        """Hand the connection over to Autobahn."""
         transport = request.channel.transport
         if transport is None:
             return super().render(request)

@@ -32,11 +32,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from consoleproxy.cluster.ratelimit import ClusterRateLimiter
 from consoleproxy.net.clients import ClientAddresses, peer_host
 from consoleproxy.net.connlimit import Admission, ConnectionGate, Refused
 from consoleproxy.net.logsafe import log_safe
@@ -61,7 +63,8 @@ class Operations:
     @ivar metrics: the ``/metrics`` resource; C{None}: not served.
     @ivar health: ``/healthz``; @ivar readiness: ``/readyz``.
     @ivar observer: told of API answers and rate limiting (the metrics).
-    @ivar limiter: the per-client rate limit of password checks.
+    @ivar limiter: the per-client rate limit of password checks (the
+        cluster's, counted in Redis, when C{cluster.redis} is set).
     @ivar draining: whether the server is shutting down.
     @ivar retry_after: the token API's C{Retry-After} while draining: seconds
         until the port closes (C{server.drain_grace}), when a load balancer
@@ -72,7 +75,7 @@ class Operations:
     health: Resource | None = None
     readiness: Resource | None = None
     observer: Any = None
-    limiter: RateLimiter | None = None
+    limiter: RateLimiter | ClusterRateLimiter | None = None
     draining: Callable[[], bool] = lambda: False
     retry_after: int = 30
 
@@ -120,14 +123,27 @@ class ConsoleProxyWeb:
         if self.operations.draining():
             request.setHeader(b"Retry-After", str(self.operations.retry_after).encode())
             return json_body(request, 503, "Service Unavailable", "the server is shutting down")
-        return self._limited(request, "token") or self.api.mint(request, vm_id, console_type)
+        return self._unless_limited(
+            request, "token", lambda: self.api.mint(request, vm_id, console_type)
+        )
 
-    def _limited(self, request: Request, what: str) -> bytes | None:
-        """A 429 answer when the client is over its rate, else C{None}."""
+    def _unless_limited(self, request: Request, what: str, proceed: Callable[[], Any]) -> Any:
+        """
+        C{proceed()}'s answer, or a 429 when the client is over its rate.
+
+        The cluster's limiter (Redis) answers a Deferred: then so does this
+        (an already-fired one while Redis is away: the process's own limit).
+        """
         limiter = self.operations.limiter
         if limiter is None:
-            return None
+            return proceed()
         wait = limiter.take(client_of(request).rate_key())
+        if isinstance(wait, Deferred):
+            return wait.addCallback(lambda w: self._too_many(request, what, w) or proceed())
+        return self._too_many(request, what, wait) or proceed()
+
+    def _too_many(self, request: Request, what: str, wait: float | None) -> bytes | None:
+        """A 429 answer when the client must wait, else C{None}."""
         if wait is None:
             return None
         if self.operations.observer is not None:
@@ -178,8 +194,8 @@ class ConsoleProxyWeb:
         """Where a person who opens the server's address lands."""
         if self.landing is None:
             return not_enabled(request, "the landing page")
-        if self.landing.checks_passwords and (limited := self._limited(request, "page")):
-            return limited
+        if self.landing.checks_passwords:
+            return self._unless_limited(request, "page", lambda: self.landing.render(request))
         return self.landing.render(request)
 
     @router.route("/console/<vm_id>/<console_type>")
@@ -195,8 +211,9 @@ class ConsoleProxyWeb:
     def _page(self, request: Request, vm_id: str, console_type: str, base: str) -> Any:
         if self.page is None:
             return not_enabled(request, "the console page")
-        return self._limited(request, "page") or self.page.render(
-            request, vm_id, console_type, base
+        page = self.page
+        return self._unless_limited(
+            request, "page", lambda: page.render(request, vm_id, console_type, base)
         )
 
     def resource(self) -> Resource:
