@@ -198,6 +198,7 @@ class Metrics:
             self.api_requests,
             self.rate_limits,
             self.draining,
+            *([self.cluster_redis_available] if self.cluster_redis_available else []),
         ):
             self.registry.unregister(metric)
         multiprocess.MultiProcessCollector(self.registry, path=path)
@@ -264,6 +265,8 @@ class Metrics:
                 "consoleproxy_cluster_redis_available",
                 "1 while the cluster's Redis answers, 0 while it does not",
                 registry=self.registry,
+                # Across workers: 0 as soon as one worker cannot reach Redis.
+                multiprocess_mode="livemin",
             )
         gauge.set(1 if client.available else 0)
         client.add_observer(lambda available: gauge.set(1 if available else 0))
