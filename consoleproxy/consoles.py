@@ -84,10 +84,13 @@ class Identity:
     @ivar name: the user name, for logs, tokens and guacd's ``name``.
     @ivar secret: whatever the cloud needs to act as this user (e.g. an
         oned session string); never logged, never put in a token.
+    @ivar admin: the user is an administrator of consoleproxy (sees and ends
+        every live session, shares any of them, plays recordings back).
     """
 
     name: str
     secret: str | None = field(default=None, repr=False)
+    admin: bool = False
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,10 @@ class SessionRecord:
     @ivar status: the Guacamole status it closed with (numeric).
     @ivar reason: why it closed, in words.
     @ivar connection_id: guacd's connection id, when there is one.
+    @ivar session_id: the session's id (unique in the cluster): what the
+        sessions API, share links and recordings name it by.
+    @ivar viewers: how many shared viewers are joined to it now.
+    @ivar recording: the id of its recording, when it is recorded.
     """
 
     relay: str
@@ -47,6 +51,9 @@ class SessionRecord:
     bytes_from_browser: int = 0
     status: int | None = None
     reason: str = ""
+    session_id: str = ""
+    viewers: int = 0
+    recording: str | None = None
 
     @property
     def duration(self) -> float | None:

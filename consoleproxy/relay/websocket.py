@@ -23,6 +23,7 @@ and the raw VNC relay (rfb.py).
 from __future__ import annotations
 
 import struct
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -402,6 +403,7 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         self._claims: Claims | None = None
         self._lease: Lease | None = None
         self._cluster_id: str | None = None
+        self._session_id = ""
         self._route: Route | None = None
         self._connecting: Deferred[Any] | None = None
         self._refusal: tuple[Status, str] | None = None
@@ -713,6 +715,8 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         assert claims is not None
         events = self.factory.events
         events.handshake_done(self.factory.relay_name, now - self._requested_at)
+        cluster = self.factory.policy.cluster
+        self._session_id = cluster.new_id() if cluster is not None else uuid.uuid4().hex
         self._record = SessionRecord(
             relay=self.factory.relay_name,
             user=claims.user,
@@ -722,11 +726,11 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
             opened_at=now,
             zone=zone,
             connection_id=connection_id,
+            session_id=self._session_id,
         )
         events.session_opened(self._record)
-        cluster = self.factory.policy.cluster
         if cluster is not None:
-            self._cluster_id = cluster.new_id()
+            self._cluster_id = self._session_id
             cluster.opened(
                 self._cluster_id,
                 self,
@@ -781,6 +785,11 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         self._deadline = None
         limit = self.factory.policy.session_timeout
         self._end(Status.SESSION_CLOSED, f"session time limit of {limit:g} s reached")
+
+    @property
+    def session_id(self) -> str:
+        """The session's id, unique in the cluster (empty until it is open)."""
+        return self._session_id
 
     @property
     def cluster_id(self) -> str | None:
