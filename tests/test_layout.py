@@ -24,12 +24,12 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ops",),
     ("web", "relay"),
     ("clouds", "tunnels", "cluster"),
-    ("core",),  # tokens, consoles, interfaces, errors
+    ("core",),  # tokens, consoles, interfaces, errors, recordings
     ("guacamole",),
     ("net",),
 )
 ROOT_MODULES = frozenset({"tap", "config", "cli", "preflight", "workers", "__main__", "__init__"})
-CORE_MODULES = frozenset({"tokens", "consoles", "interfaces", "errors"})
+CORE_MODULES = frozenset({"tokens", "consoles", "interfaces", "errors", "recordings"})
 RANK = {unit: len(LAYERS) - i for i, units in enumerate(LAYERS) for unit in units}
 
 
