@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import resource
@@ -36,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ FULL = Plan(
     runs=3,
     duration=3.0,
     warmup=0.5,
-    round_trips=2000,
+    round_trips=10000,
     interval_ms=50,
     setup_count=300,
     setup_count_argon2=40,
@@ -84,7 +85,7 @@ QUICK = Plan(
     runs=2,
     duration=1.0,
     warmup=0.3,
-    round_trips=500,
+    round_trips=2000,
     interval_ms=50,
     setup_count=100,
     setup_count_argon2=12,
@@ -374,7 +375,10 @@ class Bench:
         if "fatal" in result:
             raise SystemExit(f"load generator failed against {target}: {result['fatal']}")
         if pid:
-            result["relay_cpu"] = (cpu_seconds(pid) - before) / elapsed
+            used = cpu_seconds(pid) - before
+            result["relay_cpu"] = used / elapsed
+            if result.get("samples"):  # latency: the relay's CPU per round trip
+                result["relay_cpu_us_per_trip"] = used / result["samples"] * 1e6
             result["relay_peak_rss_kib"] = peak_rss
         time.sleep(0.3)  # let closed sessions drain before the next run
         return result
@@ -977,27 +981,44 @@ def checkout(revision: str, directory: Path) -> Path:
 
 
 def compare(results: dict[str, Any], baseline: str) -> str:
-    """A Markdown table: each case's median, this tree against the --baseline revision."""
+    """
+    A Markdown table: each case's median (and the range over the rounds),
+    this tree against the --baseline revision.
+
+    The round trip's relay CPU (CPU seconds of the relay process per round
+    trip) is beside the latencies: unlike them, it hardly moves with what
+    else the machine is doing, so it says whether the relay's own work grew.
+    """
     other = f"consoleproxy@{baseline}"
-    figures = {
-        "setup": ("rate", "sessions set up/s", True),
-        "throughput": ("mbps", "MB/s", True),
-        "latency": ("p99_us", "p99 round trip (µs)", False),
-    }
+    figures = (
+        ("setup", "rate", "sessions set up/s"),
+        ("throughput", "mbps", "MB/s"),
+        ("latency", "p50_us", "p50 round trip (µs)"),
+        ("latency", "p99_us", "p99 round trip (µs)"),
+        ("latency", "relay_cpu_us_per_trip", "relay CPU per round trip (µs)"),
+    )
     lines = [
-        f"| section | case | figure | this tree | {baseline} | this / {baseline} |",
+        f"| section | case | figure | this tree (range) | {baseline} (range) | this / {baseline} |",
         "| --- | --- | --- | ---: | ---: | ---: |",
     ]
-    for section, (key, label, _) in figures.items():
+    for section, key, label in figures:
         for case, by_target in results.get(section, {}).items():
             if other not in by_target or "consoleproxy" not in by_target:
                 continue
-            ours, theirs = med(by_target["consoleproxy"], key), med(by_target[other], key)
+            ours, theirs = by_target["consoleproxy"], by_target[other]
+            if math.isnan(med(ours, key)) or math.isnan(med(theirs, key)):
+                continue  # a figure one of the two does not report
             lines.append(
-                f"| {section} | {case} | {label} | {ours:.4g} | {theirs:.4g} "
-                f"| {ratio(ours, theirs)} |"
+                f"| {section} | {case} | {label} | {_spread(ours, key)} | {_spread(theirs, key)} "
+                f"| {ratio(med(ours, key), med(theirs, key))} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _spread(runs: list[dict[str, Any]], key: str) -> str:
+    """C{median (min to max)} of one figure over runs."""
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return f"{med(runs, key):.4g} ({min(values):.4g} to {max(values):.4g})"
 
 
 def measure(
@@ -1074,13 +1095,16 @@ def run_only(args: argparse.Namespace) -> None:
     directory = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     fleet = Fleet(args.peers, directory)
     baseline = (args.baseline, checkout(args.baseline, directory)) if args.baseline else None
+    plan = QUICK if args.quick else FULL
+    if args.rounds:
+        plan = replace(plan, runs=args.rounds)
     try:
-        partial = measure(QUICK if args.quick else FULL, fleet, args.peers, only, baseline)
+        partial = measure(plan, fleet, args.peers, only, baseline)
     finally:
         fleet.stop()
     print(json.dumps(partial, indent=1))
     if args.baseline:
-        write_comparison(partial, args.baseline, QUICK if args.quick else FULL)
+        write_comparison(partial, args.baseline, plan)
     shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -1099,6 +1123,9 @@ def main() -> None:
         "latency) and write results/baseline.md",
     )
     parser.add_argument(
+        "--rounds", type=int, default=0, help="rounds of every case (default: the plan's)"
+    )
+    parser.add_argument(
         "--only",
         default="",
         help=f"comma-separated sections of {', '.join(SECTIONS)}: print them, write nothing",
@@ -1111,6 +1138,8 @@ def main() -> None:
         write_report(json.loads((RESULTS / "relay.json").read_text()), args.peers)
         return
     plan = QUICK if args.quick else FULL
+    if args.rounds:
+        plan = replace(plan, runs=args.rounds)
     busy = machine_busy_seconds()
     time.sleep(1)
     background = machine_busy_seconds() - busy
@@ -1149,6 +1178,10 @@ def main() -> None:
         write_comparison(results, args.baseline, plan)
 
 
+def _plan_name(plan: Plan) -> str:
+    return "quick" if plan.duration == QUICK.duration else "full"
+
+
 def write_comparison(results: dict[str, Any], baseline: str, plan: Plan) -> None:
     """results/baseline.md: this tree against the --baseline revision, from one run."""
     head = subprocess.run(
@@ -1160,7 +1193,7 @@ def write_comparison(results: dict[str, Any], baseline: str, plan: Plan) -> None
     ).stdout.strip()
     text = (
         f"# consoleproxy {head} against {baseline}, in one run\n\n"
-        f"Medians of {plan.runs} rounds ({'quick' if plan is QUICK else 'full'} plan); "
+        f"Medians of {plan.runs} rounds ({_plan_name(plan)} plan); "
         f"both instances ran on this machine with the same configuration, one measured at "
         f"a time.  Written by `bench/run --baseline {baseline}`.\n\n" + compare(results, baseline)
     )
