@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -53,6 +53,10 @@ class LiveSession:
     client: str
     worker: str
     started: float
+    bytes_to_browser: int = 0
+    bytes_from_browser: int = 0
+    viewers: int = 0
+    recording: str | None = None
 
     def to_json(self) -> str:
         """The record as stored."""
@@ -64,7 +68,8 @@ class LiveSession:
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError("not an object")
-        return cls(**data)
+        # A newer process's record may carry more: read what this one knows.
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 class SessionRegistry(Holdings):
@@ -85,6 +90,10 @@ class SessionRegistry(Holdings):
         super().__init__(client, clock, prefix=prefix, ttl=ttl, refresh=refresh, worker=worker)
         self.channel = f"{prefix}kill"
         self._mine: dict[str, LiveSession] = {}
+        #: Brings a record up to date before each renewal (bytes, viewers,
+        #: recording): the renewal writes every record anyway, so the listing
+        #: is at most C{refresh} seconds stale at no extra Redis command.
+        self.refresher: Callable[[LiveSession], LiveSession] | None = None
 
     def key(self, session_id: str) -> str:
         """The Redis key of a session's record."""
@@ -115,6 +124,12 @@ class SessionRegistry(Holdings):
 
     def renew(self) -> Deferred[None]:
         """Write every record of this process again, with a fresh expiry."""
+        if self.refresher is not None:
+            for session_id, session in list(self._mine.items()):
+                try:
+                    self._mine[session_id] = self.refresher(session)
+                except Exception:
+                    self.log.failure("cluster: refreshing a session record failed")
         return self._in_batches(
             RENEW,
             list(self._mine.values()),
@@ -150,6 +165,19 @@ class SessionRegistry(Holdings):
                 except (ValueError, TypeError):
                     continue
         return found_sessions
+
+    def record(self, session_id: str) -> Deferred[LiveSession | None]:
+        """One session's record, wherever it runs (C{None}: no such open session)."""
+
+        def read(value: Any) -> LiveSession | None:
+            if value is None:
+                return None
+            try:
+                return LiveSession.from_json(value)
+            except (ValueError, TypeError):
+                return None
+
+        return self.client.execute("GET", self.key(session_id)).addCallback(read)
 
     def subscribe(self, handler: Callable[[str, str], None]) -> None:
         """
