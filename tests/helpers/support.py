@@ -79,7 +79,8 @@ def write_inventory(directory: str, text: str | None = None) -> str:
 
 def admin_inventory() -> str:
     """The test inventory, plus root/toor with ``admin = true`` (an administrator)."""
-    return inventory_text() + f'\n[users.root]\npassword_hash = "{quick_hash("toor")}"\nadmin = true\n'
+    root = quick_hash("toor")
+    return inventory_text() + f'\n[users.root]\npassword_hash = "{root}"\nadmin = true\n'
 
 
 def synchronous_verifier() -> PasswordVerifier:

@@ -128,7 +128,7 @@ class SessionsApiTests(TestCase):
     @inlineCallbacks
     def test_credentials_required(self):  # type: ignore[no-untyped-def]
         for authorization in (None, basic("root", "wrong")):
-            code, headers, answer = yield self.ask("/api/sessions", authorization)
+            code, headers, _ = yield self.ask("/api/sessions", authorization)
             self.assertEqual(code, 401)
             self.assertEqual(
                 headers.getRawHeaders(b"www-authenticate"),
