@@ -1,0 +1,96 @@
+"""
+L{LiveSessions} without a cluster: this process's table is listed (by role)
+and a session is ended with the kill's status, close words and reason.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from consoleproxy.consoles import Identity
+from consoleproxy.errors import NotFound
+from consoleproxy.guacamole.status import Status
+from consoleproxy.relay.live_sessions import LiveSessions
+from consoleproxy.relay.sessions import SessionTable
+from tests.helpers.support import session_record
+
+
+class FakeSession:
+    """What the listing reads of a relay session, and what a kill calls."""
+
+    STATE_OPEN = 3
+
+    def __init__(self, session_id: str, user: str, opened_at: float, *, opened: bool = True):
+        self.record = (
+            session_record(session_id=session_id, user=user, opened_at=opened_at, viewers=2)
+            if opened
+            else None
+        )
+        self.state = self.STATE_OPEN
+        self.bytes_to_browser = 1000
+        self.bytes_from_browser = 20
+        self.ended: list[tuple[Status, str, str]] = []
+
+    def end_by_request(self, status: Status, message: str, words: str = "") -> None:
+        self.ended.append((status, message, words))
+        self.state = 4  # closing
+
+    def shut_down(self) -> None:
+        pass
+
+
+class LocalTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.table = SessionTable(Clock(), max_total=10, max_per_user=10)
+        self.alice = FakeSession("a" * 32, "alice", 20.0)
+        self.bob = FakeSession("b" * 32, "bob", 10.0)
+        self.opening = FakeSession("", "alice", 0.0, opened=False)  # no upstream yet
+        for session in (self.alice, self.bob, self.opening):
+            self.table.reserve(session, session.record.user if session.record else "alice")
+        self.live = LiveSessions(self.table, limit=10)
+
+    def listing(self, identity: Identity) -> list[str]:
+        return [s.id for s in self.successResultOf(self.live.listing(identity))]
+
+    def test_listing_by_role(self) -> None:
+        self.assertEqual(self.listing(Identity("root", admin=True)), ["b" * 32, "a" * 32])
+        self.assertEqual(self.listing(Identity("alice")), ["a" * 32])
+        self.assertEqual(self.listing(Identity("carol")), [])
+        (first,) = self.successResultOf(self.live.listing(Identity("bob")))
+        self.assertEqual(
+            (first.user, first.vm, first.type, first.client, first.started),
+            ("bob", "7", "vnc", "192.0.2.1", 10.0),
+        )
+        self.assertEqual((first.bytes_to_browser, first.bytes_from_browser), (1000, 20))
+        self.assertEqual((first.viewers, first.recording), (2, None))
+
+    def test_listing_is_bounded(self) -> None:
+        self.live.limit = 1
+        self.assertEqual(self.listing(Identity("root", admin=True)), ["b" * 32])
+
+    def test_end(self) -> None:
+        ended = self.successResultOf(
+            self.live.end(Identity("root", admin=True), "a" * 32, "by root")
+        )
+        self.assertEqual(ended.id, "a" * 32)
+        self.assertEqual(
+            self.alice.ended,
+            [
+                (
+                    Status.SESSION_CLOSED,
+                    "ended by an administrator: by root",
+                    "ended by an administrator",
+                )
+            ],
+        )
+        self.assertEqual(self.bob.ended, [])
+        # Closing now: not listed, and not found again.
+        self.assertEqual(self.listing(Identity("root", admin=True)), ["b" * 32])
+        self.failureResultOf(self.live.end(Identity("root", admin=True), "a" * 32, ""), NotFound)
+
+    def test_unknown_id(self) -> None:
+        failure = self.failureResultOf(
+            self.live.end(Identity("root", admin=True), "c" * 32, ""), NotFound
+        )
+        self.assertIn("c" * 32, failure.value.message)
