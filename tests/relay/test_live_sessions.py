@@ -5,12 +5,17 @@ and a session is ended with the kill's status, close words and reason.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from consoleproxy.cluster.registry import LiveSession as ClusterRecord
 from consoleproxy.consoles import Identity
 from consoleproxy.errors import NotFound
 from consoleproxy.guacamole.status import Status
+from consoleproxy.relay.cluster_sessions import ClusterSessions
 from consoleproxy.relay.live_sessions import LiveSessions
 from consoleproxy.relay.sessions import SessionTable
 from tests.helpers.support import session_record
@@ -94,3 +99,37 @@ class LocalTests(SynchronousTestCase):
             self.live.end(Identity("root", admin=True), "c" * 32, ""), NotFound
         )
         self.assertIn("c" * 32, failure.value.message)
+
+
+class StubRegistry:
+    """A registry that keeps records in memory (the real one is tested against Redis)."""
+
+    worker = "host:1"
+
+    def __init__(self) -> None:
+        self.refresher = None
+        self.kills: list[tuple[str, str]] = []
+
+    def subscribe(self, handler: object) -> None:
+        self.handler = handler
+
+    def register(self, session_id: str, **fields: str) -> Deferred[None]:
+        return succeed(None)
+
+
+class ClusterSideTests(SynchronousTestCase):
+    def test_renewals_carry_the_held_session_s_counts(self) -> None:
+        """ClusterSessions sets the registry's refresher: bytes, viewers, recording of now."""
+        registry = StubRegistry()
+        cluster = ClusterSessions(None, registry)  # type: ignore[arg-type]
+        session = FakeSession("a" * 32, "alice", 1.0)
+        session.record.recording = "a" * 32
+        cluster.opened("a" * 32, session, user="alice", vm="7", type="vnc", zone="", client="-")
+        stale = ClusterRecord("a" * 32, "alice", "7", "vnc", "", "-", "host:1", 1.0)
+        fresh = registry.refresher(stale)
+        self.assertEqual(
+            (fresh.bytes_to_browser, fresh.bytes_from_browser, fresh.viewers, fresh.recording),
+            (1000, 20, 2, "a" * 32),
+        )
+        other = replace(stale, id="b" * 32)
+        self.assertEqual(registry.refresher(other), other)  # not held here: unchanged
