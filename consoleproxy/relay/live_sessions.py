@@ -96,12 +96,16 @@ class LiveSessions:
         self.limit = limit
         self.worker = cluster.registry.worker if cluster is not None else worker_id()
 
-    def _local(self) -> dict[str, tuple[Any, LiveSession]]:
+    def _local(self, user: str | None) -> dict[str, LiveSession]:
+        """This process's open sessions (of C{user} only, unless C{None})."""
         found = {}
         for session in self.table.sessions():
+            record = getattr(session, "record", None)
+            if record is None or (user is not None and record.user != user):
+                continue
             summary = _summary(session, self.worker)
             if summary is not None:
-                found[summary.id] = (session, summary)
+                found[summary.id] = summary
         return found
 
     def listing(self, identity: Identity) -> Deferred[list[LiveSession]]:
@@ -111,7 +115,7 @@ class LiveSessions:
             mine = [s for s in sessions if identity.admin or s.user == identity.name]
             return sorted(mine, key=lambda s: (s.started, s.id))[: self.limit]
 
-        local = {key: summary for key, (_, summary) in self._local().items()}
+        local = self._local(None if identity.admin else identity.name)
         if self.cluster is None:
             return succeed(visible(list(local.values())))
 
@@ -126,11 +130,14 @@ class LiveSessions:
 
     def end(self, identity: Identity, session_id: str, reason: str) -> Deferred[LiveSession]:
         """See L{ILiveSessions.end}: here at once, elsewhere by the kill channel."""
-        held = self._local().get(session_id)
-        if held is not None:
-            session, summary = held
-            end_by_administrator(session, reason)
-            return succeed(summary)
+        for session in self.table.sessions():
+            record = getattr(session, "record", None)
+            if record is None or record.session_id != session_id:
+                continue
+            summary = _summary(session, self.worker)
+            if summary is not None:
+                end_by_administrator(session, reason)
+                return succeed(summary)
         cluster = self.cluster
         if cluster is None:
             return _missing(session_id)
