@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from consoleproxy.cluster.redis_client import RedisUnavailable
 from consoleproxy.cluster.registry import LiveSession as ClusterRecord
 from consoleproxy.consoles import Identity
-from consoleproxy.errors import NotFound
+from consoleproxy.errors import CloudUnavailable, NotFound
 from consoleproxy.guacamole.status import Status
 from consoleproxy.relay.cluster_sessions import ClusterSessions
 from consoleproxy.relay.live_sessions import LiveSessions
@@ -116,6 +117,12 @@ class StubRegistry:
     def register(self, session_id: str, **fields: str) -> Deferred[None]:
         return succeed(None)
 
+    async def sessions(self, limit: int) -> list[ClusterRecord]:
+        raise RedisUnavailable("Redis at 10.0.0.1:6379 is unavailable")
+
+    def record(self, session_id: str) -> Deferred[None]:
+        return fail(RedisUnavailable("Redis at 10.0.0.1:6379 is unavailable"))
+
 
 class ClusterSideTests(SynchronousTestCase):
     def test_renewals_carry_the_held_session_s_counts(self) -> None:
@@ -133,3 +140,12 @@ class ClusterSideTests(SynchronousTestCase):
         )
         other = replace(stale, id="b" * 32)
         self.assertEqual(registry.refresher(other), other)  # not held here: unchanged
+
+    def test_redis_away_is_a_503_that_names_no_address(self) -> None:
+        cluster = ClusterSessions(None, StubRegistry())  # type: ignore[arg-type]
+        live = LiveSessions(SessionTable(Clock(), max_total=1, max_per_user=1), cluster)
+        root = Identity("root", admin=True)
+        for d in (live.listing(root), live.end(root, "a" * 32, "")):
+            failure = self.failureResultOf(d, CloudUnavailable)
+            self.assertEqual((failure.value.status, failure.value.retry_after), (503, 5.0))
+            self.assertNotIn("10.0.0.1", failure.value.message)
