@@ -6,20 +6,33 @@ C{opennebula.admin_groups} (default oneadmin, group 0), found with
 
 from __future__ import annotations
 
+import json
+import os
+
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
 
 from consoleproxy import tap
 from consoleproxy.clouds.opennebula import cloud as cloud_module
 from consoleproxy.config import Config, ConfigError
 from consoleproxy.consoles import Identity
 from consoleproxy.errors import Unauthenticated
+from consoleproxy.tokens import KeyRing, TokenAuthority
+from consoleproxy.web.api import TokenApi
+from consoleproxy.web.sessions_api import SessionsApi
+from consoleproxy.web.site import ConsoleProxyWeb, build_site
 from tests.helpers.fakeoned import FakeOned
+from tests.helpers.support import basic, http_request
+from tests.web.test_sessions_api import A_ID, Sessions
 
 
-class RoleTests(TestCase):
+class OnedCase(TestCase):
+    """A fake oned: oneadmin, alice, "second" (oneadmin as a secondary group), olga (ops)."""
+
     @inlineCallbacks
     def setUp(self):  # type: ignore[no-untyped-def]
         self.oned = FakeOned(reactor)
@@ -45,6 +58,8 @@ class RoleTests(TestCase):
     def who(name: str, password: str) -> Identity:
         return Identity(name, secret=f"{name}:{password}")
 
+
+class RoleTests(OnedCase):
     @inlineCallbacks
     def test_oneadmin_group_primary_or_secondary(self):  # type: ignore[no-untyped-def]
         cloud = self.cloud()
@@ -97,3 +112,45 @@ class RoleTests(TestCase):
             with self.assertRaises(ConfigError) as raised:
                 Config.load(overrides={"one_admin_groups": value})
             self.assertIn("opennebula.admin_groups", str(raised.exception))
+
+
+class SessionsApiWithOnedTests(OnedCase):
+    """The sessions API on the OpenNebula backend: roles from oned, credentials checked by it."""
+
+    @inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        yield super().setUp()
+        cloud = self.cloud()
+        self.sessions = Sessions()
+        tokens = TokenAuthority(KeyRing([os.urandom(32)]), reactor)
+        web = ConsoleProxyWeb(
+            TokenApi(cloud, cloud, tokens),
+            Resource(),
+            sessions=SessionsApi(cloud, cloud, self.sessions),
+        )
+        listening = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+            build_site(web, reactor)
+        )
+        self.addCleanup(listening.stopListening)
+        self.port = listening.getHost().port
+
+    @inlineCallbacks
+    def ask(self, path, authorization, method=b"GET"):  # type: ignore[no-untyped-def]
+        code, _, body = yield http_request(
+            self.port, path, method, {b"Authorization": authorization}
+        )
+        return code, json.loads(body)
+
+    @inlineCallbacks
+    def test_sessions_api(self):  # type: ignore[no-untyped-def]
+        code, answer = yield self.ask("/api/sessions", basic("oneadmin", "admin-pw"))
+        self.assertEqual((code, len(answer["data"])), (200, 2))
+        code, answer = yield self.ask("/api/sessions", basic("alice", "wonderland"))
+        self.assertEqual((code, [s["user"] for s in answer["data"]]), (200, ["alice"]))
+        code, _ = yield self.ask("/api/sessions", basic("alice", "wrong"))
+        self.assertEqual(code, 401)
+        code, _ = yield self.ask(f"/api/sessions/{A_ID}", basic("alice", "wonderland"), b"DELETE")
+        self.assertEqual(code, 403)
+        code, _ = yield self.ask(f"/api/sessions/{A_ID}", basic("second", "pw"), b"DELETE")
+        self.assertEqual(code, 200)
+        self.assertEqual(self.sessions.ended, [("second", A_ID, "by second")])
