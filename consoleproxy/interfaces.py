@@ -9,7 +9,8 @@ nor the relay knows which one it has.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, fields
 
 from zope.interface import Attribute, Interface
 
@@ -131,6 +132,7 @@ class LiveSession:
     @ivar started: POSIX time it opened.
     @ivar bytes_to_browser: bytes relayed to the browser so far (with a
         cluster, as of the holder's last renewal, at most 10 s old).
+        With Redis, this is also the registry's record (cluster/registry.py).
     @ivar bytes_from_browser: bytes relayed from the browser so far.
     @ivar viewers: shared viewers joined to it now.
     @ivar recording: its recording's id, when recorded.
@@ -149,6 +151,19 @@ class LiveSession:
     viewers: int = 0
     recording: str | None = None
     worker: str = ""
+
+    def to_json(self) -> str:
+        """The record as the cluster's registry stores it."""
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> LiveSession:
+        """A stored record (L{ValueError} or L{TypeError} if it is not one)."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        # A newer process's record may carry more: read what this one knows.
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 class ILiveSessions(Interface):

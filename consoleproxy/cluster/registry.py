@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -29,6 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from consoleproxy.cluster.holdings import REFRESH, TTL, Holdings
 from consoleproxy.cluster.redis_client import RedisClient, Script
+from consoleproxy.interfaces import LiveSession
 
 #: KEYS: the records; ARGV: ttl ms, then the records' JSON in the same order.
 RENEW = Script(
@@ -39,37 +39,6 @@ end
 return #KEYS
 """
 )
-
-
-@dataclass(frozen=True)
-class LiveSession:
-    """What the cluster knows of one open session."""
-
-    id: str
-    user: str
-    vm: str
-    type: str
-    zone: str
-    client: str
-    worker: str
-    started: float
-    bytes_to_browser: int = 0
-    bytes_from_browser: int = 0
-    viewers: int = 0
-    recording: str | None = None
-
-    def to_json(self) -> str:
-        """The record as stored."""
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str) -> LiveSession:
-        """A stored record (L{ValueError} or L{TypeError} if it is not one)."""
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError("not an object")
-        # A newer process's record may carry more: read what this one knows.
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 class SessionRegistry(Holdings):
@@ -109,7 +78,7 @@ class SessionRegistry(Holdings):
         the next renewal writes it once Redis is back.
         """
         session = LiveSession(
-            session_id, user, vm, type, zone, client, self.worker, self.clock.seconds()
+            session_id, user, vm, type, zone, client, self.clock.seconds(), worker=self.worker
         )
         self._mine[session_id] = session
         d = self.client.execute("SET", self.key(session_id), session.to_json(), "PX", self.ttl_ms)

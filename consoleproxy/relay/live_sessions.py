@@ -27,12 +27,13 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from consoleproxy.cluster.holdings import worker_id
-from consoleproxy.cluster.registry import LiveSession as ClusterRecord
+from consoleproxy.cluster.redis_client import RedisUnavailable
 from consoleproxy.consoles import Identity
-from consoleproxy.errors import NotFound
+from consoleproxy.errors import CloudUnavailable, NotFound
 from consoleproxy.interfaces import ILiveSessions, LiveSession
 from consoleproxy.relay.cluster_sessions import ClusterSessions, end_by_administrator
 from consoleproxy.relay.sessions import SessionTable
@@ -58,23 +59,6 @@ def _summary(session: Any, worker: str) -> LiveSession | None:
         viewers=record.viewers,
         recording=record.recording,
         worker=worker,
-    )
-
-
-def _from_cluster(record: ClusterRecord) -> LiveSession:
-    return LiveSession(
-        id=record.id,
-        user=record.user,
-        vm=record.vm,
-        type=record.type,
-        zone=record.zone,
-        client=record.client,
-        started=record.started,
-        bytes_to_browser=record.bytes_to_browser,
-        bytes_from_browser=record.bytes_from_browser,
-        viewers=record.viewers,
-        recording=record.recording,
-        worker=record.worker,
     )
 
 
@@ -122,11 +106,11 @@ class LiveSessions:
         async def everywhere() -> list[LiveSession]:
             assert self.cluster is not None
             records = await self.cluster.registry.sessions(limit=self.limit)
-            merged = {r.id: _from_cluster(r) for r in records}
+            merged = {r.id: r for r in records}
             merged.update(local)  # this process's, with their counts of now
             return visible(list(merged.values()))
 
-        return Deferred.fromCoroutine(everywhere())
+        return Deferred.fromCoroutine(everywhere()).addErrback(_unavailable)
 
     def end(self, identity: Identity, session_id: str, reason: str) -> Deferred[LiveSession]:
         """See L{ILiveSessions.end}: here at once, elsewhere by the kill channel."""
@@ -142,14 +126,20 @@ class LiveSessions:
         if cluster is None:
             return _missing(session_id)
 
-        def found(record: ClusterRecord | None) -> Deferred[LiveSession]:
+        def found(record: LiveSession | None) -> Deferred[LiveSession]:
             if record is None:
                 return _missing(session_id)
-            return cluster.kill_session(session_id, reason).addCallback(
-                lambda _: _from_cluster(record)
-            )
+            return cluster.kill_session(session_id, reason).addCallback(lambda _: record)
 
-        return cluster.registry.record(session_id).addCallback(found)
+        return cluster.registry.record(session_id).addCallback(found).addErrback(_unavailable)
+
+
+def _unavailable(failure: Failure) -> None:
+    """Redis away: a 503 that says so (not where Redis is), rather than a 500."""
+    failure.trap(RedisUnavailable)
+    raise CloudUnavailable(
+        "the cluster's shared state (Redis) is unavailable; retry shortly", retry_after=5.0
+    )
 
 
 def _missing(session_id: str) -> Deferred[Any]:

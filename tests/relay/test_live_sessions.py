@@ -12,10 +12,10 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from consoleproxy.cluster.redis_client import RedisUnavailable
-from consoleproxy.cluster.registry import LiveSession as ClusterRecord
 from consoleproxy.consoles import Identity
 from consoleproxy.errors import CloudUnavailable, NotFound
 from consoleproxy.guacamole.status import Status
+from consoleproxy.interfaces import LiveSession as ClusterRecord
 from consoleproxy.relay.cluster_sessions import ClusterSessions
 from consoleproxy.relay.live_sessions import LiveSessions
 from consoleproxy.relay.sessions import SessionTable
@@ -132,7 +132,7 @@ class ClusterSideTests(SynchronousTestCase):
         session = FakeSession("a" * 32, "alice", 1.0)
         session.record.recording = "a" * 32
         cluster.opened("a" * 32, session, user="alice", vm="7", type="vnc", zone="", client="-")
-        stale = ClusterRecord("a" * 32, "alice", "7", "vnc", "", "-", "host:1", 1.0)
+        stale = ClusterRecord("a" * 32, "alice", "7", "vnc", "", "-", 1.0, worker="host:1")
         fresh = registry.refresher(stale)
         self.assertEqual(
             (fresh.bytes_to_browser, fresh.bytes_from_browser, fresh.viewers, fresh.recording),
