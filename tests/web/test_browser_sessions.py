@@ -19,6 +19,16 @@ from tests.web.test_browser import BrowserTestCase
 
 class KilledSessionPageTests(BrowserTestCase):
     @inlineCallbacks
+    def kill_and_read(self, table):  # type: ignore[no-untyped-def]
+        """End the one session of C{table} as an administrator; the page says so."""
+        live = LiveSessions(table)
+        (session,) = yield live.listing(Identity("root", admin=True))
+        yield live.end(Identity("root", admin=True), session.id, "by root")
+        shown = yield self.wait_state("error")
+        self.assertIn("The session was ended by an administrator.", shown["error"])
+        self.assertIn("523", shown["error"])
+
+    @inlineCallbacks
     def test_page_says_ended_by_an_administrator(self):  # type: ignore[no-untyped-def]
         guacd = FakeGuacd(reactor)
         yield guacd.start()
@@ -31,12 +41,7 @@ class KilledSessionPageTests(BrowserTestCase):
         shown = yield self.wait_state("connected", "error")
         self.assertEqual(shown["state"], "connected", shown)
 
-        live = LiveSessions(server.relay.table)
-        (session,) = yield live.listing(Identity("root", admin=True))
-        yield live.end(Identity("root", admin=True), session.id, "by root")
-        shown = yield self.wait_state("error")
-        self.assertIn("The session was ended by an administrator.", shown["error"])
-        self.assertIn("523", shown["error"])
+        yield self.kill_and_read(server.relay.table)
         yield conn.closed
         self.assertEqual(conn.ended_by, "disconnect")
 
@@ -55,9 +60,4 @@ class KilledSessionPageTests(BrowserTestCase):
         shown = yield self.wait_state("connected", "error")
         self.assertEqual((shown["state"], shown["mode"]), ("connected", "rfb"), shown)
 
-        live = LiveSessions(server.rfb.table)
-        (session,) = yield live.listing(Identity("root", admin=True))
-        yield live.end(Identity("root", admin=True), session.id, "by root")
-        shown = yield self.wait_state("error")
-        self.assertIn("The session was ended by an administrator.", shown["error"])
-        self.assertIn("523", shown["error"])
+        yield self.kill_and_read(server.rfb.table)
