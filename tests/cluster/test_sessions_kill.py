@@ -75,3 +75,27 @@ class ClusterKillTests(TestCase):
             self.assertEqual(code, 404)
 
         return ensureDeferred(go())
+
+    def test_kill_with_two_workers(self) -> Deferred[None]:
+        """server.workers = 2 (Redis required): any worker lists and ends any worker's session."""
+
+        async def go() -> None:
+            redis = await start_redis(self, reactor)
+            guacd = await fake_guacd(self)
+            tail = f'[cluster]\nredis = "{redis.url}"\n[api]\nburst = 1000\n'
+            served = await serve(
+                self, guacd, inventory=admin_inventory(), server="workers = 2\n", tail=tail
+            )
+            for _ in range(8):  # whichever worker answers, each is ready
+                await ready(served)
+            clients = [await open_console(served) for _ in range(4)]
+            code, answer = await ask(served, "/api/sessions", ROOT)
+            self.assertEqual((code, len(answer["data"])), (200, 4), answer)
+            # (Both workers usually hold some: the kernel spreads the connections.)
+            for session in answer["data"]:
+                code, _ = await ask(served, f"/api/sessions/{session['id']}", ROOT, b"DELETE")
+                self.assertEqual(code, 200)
+            for client in clients:
+                self.assertEqual(await client.closed, KILLED)
+
+        return ensureDeferred(go())
