@@ -87,10 +87,6 @@ class ClusterSessions:
             recording=getattr(live, "recording", None),
         )
 
-    def holding(self, session_id: str) -> Killable | None:
-        """The session of that id if this process holds it."""
-        return self._live.get(session_id)
-
     def acquire(self, user: str) -> Deferred[Lease]:
         """A cluster-wide slot for a session of C{user} (see L{ClusterLeases.acquire})."""
         return self.leases.acquire(user)
