@@ -170,6 +170,9 @@ class Config:
         default_factory=lambda: sorted(RUNNING_ONLY), metadata=_key("opennebula.rdp_states")
     )
     one_loopback_address: str = field(default="", metadata=_key("opennebula.loopback_address"))
+    one_admin_groups: list[str | int] = field(
+        default_factory=lambda: ["oneadmin"], metadata=_key("opennebula.admin_groups")
+    )
     zones: dict[str, Any] = field(default_factory=dict, metadata=_key("zones"))
     federation_origin: str = field(default="", metadata=_key("federation.origin"))
     federation_trust_roots: str = field(default="", metadata=_key("federation.trust_roots"))
@@ -296,6 +299,13 @@ class Config:
                 isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1000 for s in states
             ):
                 raise ConfigError(self.key_of(name), "a list of LCM_STATE numbers")
+        groups = self.one_admin_groups
+        if not isinstance(groups, list) or not all(
+            (isinstance(g, int) and not isinstance(g, bool) and 0 <= g < 2**31)
+            or (isinstance(g, str) and 0 < len(g) <= 128 and g.isprintable())
+            for g in groups
+        ):
+            raise ConfigError(self.key_of("one_admin_groups"), "a list of group names or ids")
 
     def _check_hardening(self) -> None:
         _number(self, "request_timeout", 1, 3600)

@@ -9,6 +9,9 @@ nor the relay knows which one it has.
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass, fields
+
 from zope.interface import Attribute, Interface
 
 
@@ -92,4 +95,95 @@ class ISpentTokens(Interface):
             local stores answer at once; a shared one (Redis ``SET id 1 NX
             PXAT expires``) would answer with a Deferred firing with the
             same C{bool}, and its caller then waits for it.
+        """
+
+
+class IRoles(Interface):
+    """
+    Says whether a user is an administrator of consoleproxy, where a role
+    matters (the sessions API, share links, recordings), never on every token
+    request: for OpenNebula it costs an oned call (cached briefly).
+    """
+
+    def with_role(identity):  # type: ignore[no-untyped-def]
+        """
+        The identity with its C{admin} flag set from the cloud's facts.
+
+        @param identity: the L{consoleproxy.consoles.Identity} from the
+            authenticator.
+        @return: a Deferred firing with an L{Identity} (the same user, with
+            C{admin} True or False), or failing with
+            L{consoleproxy.errors.Unauthenticated} (the cloud refused the
+            credentials) or L{consoleproxy.errors.CloudUnavailable}.
+        """
+
+
+@dataclass(frozen=True)
+class LiveSession:
+    """
+    One open console session, as the sessions API lists it.
+
+    @ivar id: the session id (a uuid hex, unique in the cluster).
+    @ivar user: who opened it.
+    @ivar vm: the VM id.
+    @ivar type: the console type (``vnc``, ``ssh``, ``rdp``).
+    @ivar zone: the zone it was relayed to (C{""}: this one).
+    @ivar client: the browser's address.
+    @ivar started: POSIX time it opened.
+    @ivar bytes_to_browser: bytes relayed to the browser so far (with a
+        cluster, as of the holder's last renewal, at most 10 s old).
+        With Redis, this is also the registry's record (cluster/registry.py).
+    @ivar bytes_from_browser: bytes relayed from the browser so far.
+    @ivar viewers: shared viewers joined to it now.
+    @ivar recording: its recording's id, when recorded.
+    @ivar worker: which process holds it (host:pid), for operators.
+    """
+
+    id: str
+    user: str
+    vm: str
+    type: str
+    zone: str
+    client: str
+    started: float
+    bytes_to_browser: int = 0
+    bytes_from_browser: int = 0
+    viewers: int = 0
+    recording: str | None = None
+    worker: str = ""
+
+    def to_json(self) -> str:
+        """The record as the cluster's registry stores it."""
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> LiveSession:
+        """A stored record (L{ValueError} or L{TypeError} if it is not one)."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        # A newer process's record may carry more: read what this one knows.
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+class ILiveSessions(Interface):
+    """
+    The open console sessions (of this process, or of the whole cluster with
+    Redis), and ending one: what the sessions API needs of the relays.
+    """
+
+    def listing(identity):  # type: ignore[no-untyped-def]
+        """
+        The sessions C{identity} may see: every one for an administrator,
+        else the user's own.
+
+        @return: a Deferred firing with a list of L{LiveSession}, oldest first.
+        """
+
+    def end(identity, session_id: str, reason: str):  # type: ignore[no-untyped-def]
+        """
+        End a session at once, wherever it runs (the caller checked the role).
+
+        @return: a Deferred firing with the ended L{LiveSession}, or failing
+            with L{consoleproxy.errors.NotFound} when no such session is open.
         """

@@ -62,6 +62,7 @@ from consoleproxy.relay.guacamole_relay import (
     GuacamoleRelayFactory,
     RelaySettings,
 )
+from consoleproxy.relay.live_sessions import LiveSessions
 from consoleproxy.relay.rfb_relay import PURPOSE as RFB_PURPOSE
 from consoleproxy.relay.rfb_relay import RfbRelayFactory, RfbRelayResource, RfbSettings
 from consoleproxy.relay.session_events import SessionEvents
@@ -75,6 +76,7 @@ from consoleproxy.web.assets import StaticFiles
 from consoleproxy.web.console_page import ConsoleModes, ConsolePage, GuacdProbe
 from consoleproxy.web.http_channel import HttpLimits
 from consoleproxy.web.landing import LandingPage
+from consoleproxy.web.sessions_api import SessionsApi
 from consoleproxy.web.site import ConsoleProxyWeb, Operations, build_site
 from consoleproxy.workers import (
     WorkerControl,
@@ -296,6 +298,7 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
             ClusterSessions(cluster.leases, cluster.registry) if cluster is not None else None
         ),
     )
+    live_sessions = LiveSessions(table, policy.cluster, limit=config.max_sessions)
     relay = GuacamoleRelayFactory(
         tokens,
         RelaySettings(
@@ -358,6 +361,12 @@ def build_parts(config: Config, reactor: Any) -> dict[str, Any]:
             ),
             draining=lambda: table.draining,
             retry_after=max(1, math.ceil(config.drain_grace)),
+        ),
+        sessions=SessionsApi(
+            cloud,
+            cloud,
+            live_sessions,
+            on_kill=audit.session_killed if audit is not None else None,
         ),
     )
     return {
@@ -528,6 +537,7 @@ def build_cloud(config: Config, reactor: Any) -> Any:
         ),
         loopback_address=config.one_loopback_address or None,
         guacd_is_local=endpoint_is_local(config.guacd),
+        admin_groups=config.one_admin_groups,
     )
 
 

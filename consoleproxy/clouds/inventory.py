@@ -10,6 +10,7 @@ Format (see ``consoleproxy/examples/inventory.toml``)::
 
     [users.alice]
     password_hash = "$argon2id$..."     # from consoleproxy passwd
+    admin = true                        # optional (default false): an administrator
 
     [[vm]]
     id = 7
@@ -29,7 +30,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from zope.interface import implementer
 from consoleproxy.clouds.passwords import PasswordVerifier
 from consoleproxy.consoles import CONSOLE_TYPES, Console, Identity, Listing
 from consoleproxy.errors import BadRequest, Forbidden, NotFound, Unauthenticated
-from consoleproxy.interfaces import IAuthenticator, ICloud, IConsoleDirectory
+from consoleproxy.interfaces import IAuthenticator, ICloud, IConsoleDirectory, IRoles
 
 _PARAMETER_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 _USER_NAME = re.compile(r"[^\s:]{1,128}")
@@ -67,6 +68,8 @@ class Inventory:
 
     users: Mapping[str, str]  # name -> password hash
     vms: Mapping[int, _VM]
+    #: The users with ``admin = true``: administrators (the sessions API, sharing, recordings).
+    admins: frozenset[str] = frozenset()
 
     @classmethod
     def parse(cls, text: str, source: str = "inventory") -> Inventory:
@@ -83,12 +86,13 @@ class Inventory:
         if unknown:
             raise InventoryError(f"{source}: unknown keys {sorted(unknown)}")
         users = {}
+        admins = set()
         for name, entry in _table(data, "users", source).items():
             where = f"{source}: users.{name}"
             if not _USER_NAME.fullmatch(name):
                 raise InventoryError(f"{where}: a user name has no blanks or ':'")
             entry = _table_of(entry, where)
-            extra = set(entry) - {"password_hash"}
+            extra = set(entry) - {"password_hash", "admin"}
             if extra:
                 raise InventoryError(f"{where}: unknown keys {sorted(extra)}")
             password_hash = entry.get("password_hash")
@@ -97,6 +101,11 @@ class Inventory:
                     f"{where}.password_hash: an Argon2 hash is required (consoleproxy passwd)"
                 )
             users[name] = password_hash
+            admin = entry.get("admin", False)
+            if not isinstance(admin, bool):
+                raise InventoryError(f"{where}.admin: true or false")
+            if admin:
+                admins.add(name)
         vms: dict[int, _VM] = {}
         entries = data.get("vm", [])
         if not isinstance(entries, list):
@@ -106,7 +115,7 @@ class Inventory:
             if vm.id in vms:
                 raise InventoryError(f"{source}: vm[{index}].id: VM {vm.id} is listed twice")
             vms[vm.id] = vm
-        return cls(users=users, vms=vms)
+        return cls(users=users, vms=vms, admins=frozenset(admins))
 
 
 def _table(data: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
@@ -160,7 +169,7 @@ def _parse_console(entry: Mapping[str, Any], where: str) -> Mapping[str, str]:
     return parameters
 
 
-@implementer(IAuthenticator, ICloud, IConsoleDirectory)
+@implementer(IAuthenticator, ICloud, IConsoleDirectory, IRoles)
 class InventoryCloud:
     """
     Users and VMs of an inventory file, re-read when the file changes.
@@ -248,9 +257,17 @@ class InventoryCloud:
         def checked(ok: bool) -> Identity:
             if not ok:
                 raise Unauthenticated("wrong user name or password")
-            return Identity(name=user)
+            return Identity(name=user, admin=user in self._current().admins)
 
         return self._verifier.verify(password_hash, password).addCallback(checked)
+
+    def with_role(self, identity: Identity) -> Deferred[Identity]:
+        """
+        The identity with C{admin} from the inventory as it is now (an edit
+        that removes ``admin = true`` takes effect at the next request).
+        """
+        admin = identity.name in self._current().admins
+        return succeed(replace(identity, admin=admin))
 
     def console(
         self, identity: Identity, vm_id: int, console_type: str, zone: str | None

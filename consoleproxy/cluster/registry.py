@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -29,6 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from consoleproxy.cluster.holdings import REFRESH, TTL, Holdings
 from consoleproxy.cluster.redis_client import RedisClient, Script
+from consoleproxy.interfaces import LiveSession
 
 #: KEYS: the records; ARGV: ttl ms, then the records' JSON in the same order.
 RENEW = Script(
@@ -39,32 +39,6 @@ end
 return #KEYS
 """
 )
-
-
-@dataclass(frozen=True)
-class LiveSession:
-    """What the cluster knows of one open session."""
-
-    id: str
-    user: str
-    vm: str
-    type: str
-    zone: str
-    client: str
-    worker: str
-    started: float
-
-    def to_json(self) -> str:
-        """The record as stored."""
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str) -> LiveSession:
-        """A stored record (L{ValueError} or L{TypeError} if it is not one)."""
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError("not an object")
-        return cls(**data)
 
 
 class SessionRegistry(Holdings):
@@ -85,6 +59,10 @@ class SessionRegistry(Holdings):
         super().__init__(client, clock, prefix=prefix, ttl=ttl, refresh=refresh, worker=worker)
         self.channel = f"{prefix}kill"
         self._mine: dict[str, LiveSession] = {}
+        #: Brings a record up to date before each renewal (bytes, viewers,
+        #: recording): the renewal writes every record anyway, so the listing
+        #: is at most C{refresh} seconds stale at no extra Redis command.
+        self.refresher: Callable[[LiveSession], LiveSession] | None = None
 
     def key(self, session_id: str) -> str:
         """The Redis key of a session's record."""
@@ -100,7 +78,7 @@ class SessionRegistry(Holdings):
         the next renewal writes it once Redis is back.
         """
         session = LiveSession(
-            session_id, user, vm, type, zone, client, self.worker, self.clock.seconds()
+            session_id, user, vm, type, zone, client, self.clock.seconds(), worker=self.worker
         )
         self._mine[session_id] = session
         d = self.client.execute("SET", self.key(session_id), session.to_json(), "PX", self.ttl_ms)
@@ -115,6 +93,12 @@ class SessionRegistry(Holdings):
 
     def renew(self) -> Deferred[None]:
         """Write every record of this process again, with a fresh expiry."""
+        if self.refresher is not None:
+            for session_id, session in list(self._mine.items()):
+                try:
+                    self._mine[session_id] = self.refresher(session)
+                except Exception:
+                    self.log.failure("cluster: refreshing a session record failed")
         return self._in_batches(
             RENEW,
             list(self._mine.values()),
@@ -150,6 +134,19 @@ class SessionRegistry(Holdings):
                 except (ValueError, TypeError):
                     continue
         return found_sessions
+
+    def record(self, session_id: str) -> Deferred[LiveSession | None]:
+        """One session's record, wherever it runs (C{None}: no such open session)."""
+
+        def read(value: Any) -> LiveSession | None:
+            if value is None:
+                return None
+            try:
+                return LiveSession.from_json(value)
+            except (ValueError, TypeError):
+                return None
+
+        return self.client.execute("GET", self.key(session_id)).addCallback(read)
 
     def subscribe(self, handler: Callable[[str, str], None]) -> None:
         """

@@ -167,6 +167,7 @@ class AuditLog:
             "zone": record.zone,
             "client": record.client,
             "connection_id": record.connection_id,
+            "session": record.session_id,
         }
 
     def session_opened(self, record: SessionRecord) -> None:
@@ -187,6 +188,27 @@ class AuditLog:
             reason=record.reason[:MAX_REASON],
         )
         self.write(event)
+
+    def session_killed(self, by: str, session: Any, client: str) -> None:
+        """
+        Write a ``session_killed`` event: administrator C{by} (from address
+        C{client}) ended C{session} (an L{consoleproxy.interfaces.LiveSession})
+        through the sessions API; its own ``session_closed`` event follows
+        from the process that held it, with the same ``session``.
+        """
+        self.write(
+            {
+                "event": "session_killed",
+                "by": by,
+                "client": client,
+                "session": session.id,
+                "user": session.user,
+                "vm": session.vm,
+                "type": session.type,
+                "zone": session.zone or None,
+                "session_client": session.client,
+            }
+        )
 
     def session_refused(self, relay: str, status: int, reason: str, client: str) -> None:
         """Write a ``session_refused`` event: who was refused, and why."""

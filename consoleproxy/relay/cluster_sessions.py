@@ -13,30 +13,47 @@ relays never see one and keep their in-process table alone.
   - Live sessions: an open session is registered (who, VM, type, zone,
     client, worker, since when) and unregistered when it ends.
   - Kills: every process subscribes to the kill channel; the one holding the
-    named session closes it with SESSION_CLOSED (523, "The session was
-    closed by the server." on the console page), guacd being told
-    C{disconnect}.  L{kill_session} is the plumbing for the admin API.
+    named session closes it with SESSION_CLOSED (523) and WebSocket code
+    1002, the close reason ``523 ended by an administrator`` (the console
+    page says so), guacd being told C{disconnect}.  L{kill_session} is the
+    plumbing of the sessions API (relay/live_sessions.py).
 """
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from typing import Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from consoleproxy.cluster.leases import ClusterLeases, Lease
-from consoleproxy.cluster.registry import SessionRegistry
+from consoleproxy.cluster.registry import LiveSession, SessionRegistry
 from consoleproxy.guacamole.status import Status
 from consoleproxy.net.logsafe import log_safe
+
+#: The words after the status in a killed session's close reason.
+ENDED_BY_ADMIN = "ended by an administrator"
+#: The status a killed session is closed with (WebSocket code 1002).
+KILL_STATUS = Status.SESSION_CLOSED
 
 
 class Killable(Protocol):
     """What a kill needs of a session."""
 
-    def end_by_request(self, status: Status, message: str) -> None:
+    def end_by_request(self, status: Status, message: str, words: str = "") -> None:
         """Close the session (browser and upstream) with C{status}."""
+
+
+def end_by_administrator(session: Killable, reason: str) -> None:
+    """
+    Close C{session} as a kill does: L{KILL_STATUS}, the close reason
+    ``523 ended by an administrator``; C{reason} (who asked, why) goes to the
+    close log line and the audit log's C{session_closed} event.
+    """
+    message = f"{ENDED_BY_ADMIN}: {reason}" if reason else ENDED_BY_ADMIN
+    session.end_by_request(KILL_STATUS, message, ENDED_BY_ADMIN)
 
 
 class ClusterSessions:
@@ -47,13 +64,28 @@ class ClusterSessions:
     """
 
     log = Logger()
-    kill_status = Status.SESSION_CLOSED
+    kill_status = KILL_STATUS
 
     def __init__(self, leases: ClusterLeases, registry: SessionRegistry) -> None:
         self.leases = leases
         self.registry = registry
         self._live: dict[str, Killable] = {}
         registry.subscribe(self._kill_requested)
+        registry.refresher = self._refreshed
+
+    def _refreshed(self, record: LiveSession) -> LiveSession:
+        """C{record} with the held session's bytes, viewers and recording now."""
+        session = self._live.get(record.id)
+        if session is None:
+            return record
+        live = getattr(session, "record", None)
+        return replace(
+            record,
+            bytes_to_browser=getattr(session, "bytes_to_browser", 0),
+            bytes_from_browser=getattr(session, "bytes_from_browser", 0),
+            viewers=getattr(live, "viewers", 0),
+            recording=getattr(live, "recording", None),
+        )
 
     def acquire(self, user: str) -> Deferred[Lease]:
         """A cluster-wide slot for a session of C{user} (see L{ClusterLeases.acquire})."""
@@ -113,6 +145,5 @@ class ClusterSessions:
         self.log.info(
             "Session {id} ended on request: {reason}", id=session_id, reason=log_safe(reason)
         )
-        message = f"ended by an administrator: {reason}" if reason else "ended by an administrator"
-        session.end_by_request(self.kill_status, message)
+        end_by_administrator(session, reason)
         return True

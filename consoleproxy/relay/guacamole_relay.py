@@ -259,7 +259,8 @@ class GuacamoleRelayProtocol(RelaySession):
 
     def _zone_closed(self, code: int | None, reason: str | None) -> None:
         """The remote zone closed: close the browser's side the same way."""
-        status = Status.parse(reason) if reason else Status.SUCCESS
+        # The reason is the decimal status, maybe with words ("523 ended by an administrator").
+        status = Status.parse(reason.split(" ", 1)[0]) if reason else Status.SUCCESS
         if self._close_status is None:
             self._close_status = (status, f"zone {self._zone} closed ({code})")
         self._stop_flow()

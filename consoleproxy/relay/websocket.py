@@ -397,6 +397,8 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
     upstream_name: ClassVar[str]
     factory: RelayFactory
     _log = Logger()
+    #: Words after the status in the close reason (L{end_by_request}); none by default.
+    _close_words = ""
 
     def __init__(self) -> None:
         super().__init__()
@@ -792,12 +794,24 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
         return self._session_id
 
     @property
+    def record(self) -> SessionRecord | None:
+        """What the observers know of the session (C{None} until it is open)."""
+        return self._record
+
+    @property
     def cluster_id(self) -> str | None:
         """The session's id in the cluster's registry (C{None}: no cluster, or not open)."""
         return self._cluster_id
 
-    def end_by_request(self, status: Status, message: str) -> None:
-        """Ended from elsewhere (a kill through the cluster): close both sides."""
+    def end_by_request(self, status: Status, message: str, words: str = "") -> None:
+        """
+        Ended from elsewhere (the sessions API, a kill through the cluster):
+        close both sides.  C{words} follow the decimal status in the close
+        reason (``523 ended by an administrator``): guacamole-common-js and
+        noVNC clients still read the status with C{parseInt}, and the console
+        page shows the words.
+        """
+        self._close_words = words[:100]  # a close reason holds at most 123 bytes
         self._end(status, message)
 
     def shut_down(self) -> None:
@@ -909,10 +923,11 @@ class RelaySession(CancelTimersOnLoss, WebSocketServerProtocol):
     def _close(self, status: Status, code: int | None = None) -> None:
         self._stop_flow()
         if self.state == self.STATE_OPEN:
+            reason = f"{int(status)} {self._close_words}" if self._close_words else str(int(status))
             # sendClose only allows 1000 and 3000-4999; Guacamole needs 1001-1011.
             self.sendCloseFrame(
                 code=code or status.websocket_code,
-                reasonUtf8=str(int(status)).encode(),
+                reasonUtf8=reason.encode(),
                 isReply=False,
             )
 

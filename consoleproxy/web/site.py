@@ -13,6 +13,7 @@ console page with its static files::
     /console/<id>/<type>            the console page (HTTP Basic)
     /console/<id>/<type>/token      the token API, where the page's credentials go
     /static/...                     the page's script, style and npm libraries
+    /api/sessions[/<id>]            live sessions: GET lists, DELETE ends (web/sessions_api)
     /metrics                        Prometheus metrics (allowed networks only)
     /healthz, /readyz               the process serves; guacd and the cloud answer
 
@@ -49,6 +50,7 @@ from consoleproxy.web.assets import StaticFiles
 from consoleproxy.web.console_page import ConsoleModes, ConsolePage, not_enabled
 from consoleproxy.web.http_channel import HttpLimits, LimitedChannel
 from consoleproxy.web.landing import LandingPage
+from consoleproxy.web.sessions_api import SessionsApi
 
 _STATIC_PREFIXES = (b"/static/", b"/fireedge/static/")
 #: What a health-only connection (near the descriptor limit) may ask.
@@ -101,6 +103,7 @@ class ConsoleProxyWeb:
         assets: StaticFiles | None = None,
         landing: LandingPage | None = None,
         operations: Operations | None = None,
+        sessions: SessionsApi | None = None,
     ) -> None:
         self.operations = operations or Operations()
         self.api = api
@@ -110,6 +113,7 @@ class ConsoleProxyWeb:
         self.modes = modes
         self.assets = assets
         self.landing = landing
+        self.sessions = sessions
 
     @router.route("/api/vm/<vm_id>/guacamole/<console_type>")
     @router.route("/fireedge/api/vm/<vm_id>/guacamole/<console_type>")
@@ -152,6 +156,25 @@ class ConsoleProxyWeb:
         return json_body(
             request, 429, "Too Many Requests", f"too many requests; retry in {retry_after(wait)} s"
         )
+
+    @router.route("/api/sessions")
+    def sessions_listing(self, request: Request) -> Any:
+        """The live sessions the caller may see (rate-limited like the token API)."""
+        return self._sessions(request, lambda api: api.listing(request))
+
+    @router.route("/api/sessions/<session_id>", methods=("DELETE",))
+    def sessions_end(self, request: Request, session_id: str) -> Any:
+        """End a live session (administrators)."""
+        return self._sessions(request, lambda api: api.end(request, session_id))
+
+    def _sessions(self, request: Request, proceed: Callable[[SessionsApi], Any]) -> Any:
+        api = self.sessions
+        if api is None:
+            return not_enabled(request, "the sessions API")
+        observer = self.operations.observer
+        if observer is not None:
+            request.notifyFinish().addBoth(lambda _: observer.api_request("sessions", request.code))
+        return self._unless_limited(request, "sessions", lambda: proceed(api))
 
     @router.route("/metrics")
     def metrics(self, request: Request) -> Any:

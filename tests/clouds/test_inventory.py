@@ -121,6 +121,29 @@ class CloudTests(SynchronousTestCase):
             InventoryError, InventoryCloud, self.path + ".nope", synchronous_verifier()
         )
 
+    def test_admin_role(self) -> None:
+        """``admin = true`` makes an administrator; entries without it (the old format) are not."""
+        self.assertFalse(self.identity(basic("alice", "wonderland")).admin)
+        with open(self.path, "w") as f:
+            f.write(inventory_text().replace("[users.bob]\n", "[users.bob]\nadmin = true\n", 1))
+        os.utime(self.path, ns=(4, 4))
+        self.assertTrue(self.identity(basic("bob", "builder")).admin)
+        self.assertFalse(self.identity(basic("alice", "wonderland")).admin)
+        bob = self.successResultOf(self.cloud.with_role(Identity("bob")))
+        self.assertEqual(bob, Identity("bob", admin=True))
+        # An edit that takes the role away holds at the next request.
+        with open(self.path, "w") as f:
+            f.write(inventory_text())
+        os.utime(self.path, ns=(5, 5))
+        bob = self.successResultOf(self.cloud.with_role(Identity("bob", admin=True)))
+        self.assertFalse(bob.admin)
+
+    def test_admin_must_be_a_boolean(self) -> None:
+        text = inventory_text().replace("[users.bob]\n", '[users.bob]\nadmin = "yes"\n', 1)
+        with self.assertRaises(InventoryError) as raised:
+            Inventory.parse(text, "inv")
+        self.assertIn("users.bob.admin: true or false", str(raised.exception))
+
 
 class BasicTests(SynchronousTestCase):
     def test_parse_basic(self) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from consoleproxy.cluster.registry import SessionRegistry
+from consoleproxy.cluster.registry import LiveSession, SessionRegistry
 from tests.helpers.redis_server import connected, start_redis, until
 
 
@@ -94,5 +97,35 @@ class RegistryTests(TestCase):
             await b.publish_kill("s9", "")
             await until(reactor, lambda: got)
             self.assertEqual(got, ["s9"])
+
+        return ensureDeferred(go())
+
+
+class FreshRecordTests(TestCase):
+    timeout = 60
+
+    def test_renewal_carries_fresh_bytes_and_one_record_is_read_by_id(self) -> Deferred[None]:
+        """The refresher's values reach Redis with the renewal; records() of newer fields load."""
+
+        async def go() -> None:
+            server = await start_redis(self, reactor)
+            client = await connected(self, reactor, server.url)
+            registry = SessionRegistry(client, reactor, worker="host:1")
+            await registry.register("s1", user="u", vm="1", type="vnc", zone="", client="-")
+            self.assertEqual((await registry.record("s1")).bytes_to_browser, 0)
+            registry.refresher = lambda r: replace(
+                r, bytes_to_browser=4096, bytes_from_browser=8, viewers=1, recording="s1"
+            )
+            await registry.renew()
+            record = await registry.record("s1")
+            self.assertEqual(
+                (record.bytes_to_browser, record.bytes_from_browser, record.viewers),
+                (4096, 8, 1),
+            )
+            self.assertEqual(record.recording, "s1")
+            self.assertIsNone(await registry.record("nope"))
+            # A record with a field this version does not know still loads.
+            newer = json.loads(record.to_json()) | {"future": 1}
+            self.assertEqual(LiveSession.from_json(json.dumps(newer)), record)
 
         return ensureDeferred(go())

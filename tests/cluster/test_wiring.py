@@ -252,7 +252,7 @@ class WiringTests(TestCase):
         return ensureDeferred(go())
 
     def test_kill_through_pubsub(self) -> Deferred[None]:
-        """A kill asked of server A closes B's session (523), guacd told disconnect first."""
+        """A kill asked of server A closes B's session (523, its words), guacd told first."""
 
         async def go() -> None:
             await self._setup()
@@ -264,7 +264,7 @@ class WiringTests(TestCase):
             kills = self.a.parts["relay"].policy.cluster
             reached = await kills.kill_session(session_id, "maintenance")
             self.assertEqual(reached, 2)  # both servers subscribe; B holds it
-            self.assertEqual(await client.closed, (1002, "523"))
+            self.assertEqual(await client.closed, (1002, "523 ended by an administrator"))
             conn = self.guacd.connections[0]
             await conn.closed
             self.assertEqual(conn.ended_by, "disconnect")

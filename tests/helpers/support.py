@@ -77,6 +77,12 @@ def write_inventory(directory: str, text: str | None = None) -> str:
     return path
 
 
+def admin_inventory() -> str:
+    """The test inventory, plus root/toor with ``admin = true`` (an administrator)."""
+    root = quick_hash("toor")
+    return inventory_text() + f'\n[users.root]\npassword_hash = "{root}"\nadmin = true\n'
+
+
 def synchronous_verifier() -> PasswordVerifier:
     """A verifier that checks on the calling thread (no thread pool in tests)."""
     return PasswordVerifier(reactor, run_in_thread=lambda f, *a: succeed(f(*a)))

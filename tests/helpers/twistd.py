@@ -171,6 +171,7 @@ def serve(  # type: ignore[no-untyped-def]
     port: int = 0,
     server: str = "",
     tail: str = "",
+    inventory: str | None = None,
 ):
     """
     Start consoleproxy under twistd on 127.0.0.1 with C{guacd} (a started
@@ -180,6 +181,7 @@ def serve(  # type: ignore[no-untyped-def]
         one when empty): give the same one to restart the same server.
     @param server: more C{[server]} lines (C{workers = 2}, say).
     @param tail: more sections (C{[cluster]}, say), at the end.
+    @param inventory: the inventory's text (the test inventory when C{None}).
     @return: a Deferred firing with a L{Served}.
     """
     if not directory:
@@ -194,7 +196,7 @@ def serve(  # type: ignore[no-untyped-def]
             f"{server}"
             f'[guacd]\nendpoint = "tcp:127.0.0.1:{guacd.port}"\n'
             f'[tokens]\nkey_file = "{directory}/k"\n'
-            f'[inventory]\npath = "{write_inventory(directory)}"\n'
+            f'[inventory]\npath = "{write_inventory(directory, inventory)}"\n'
             "[relay]\nallow_missing_origin = true\n"
             f'[operations]\naudit_log = "{directory}/audit.jsonl"\n'
             f"{tail}"

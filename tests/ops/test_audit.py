@@ -13,6 +13,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from consoleproxy.interfaces import LiveSession
 from consoleproxy.ops.audit import AuditLog, iso_time
 from consoleproxy.relay.session_events import ISessionObserver, SessionEvents
 from tests.helpers.support import session_record as record
@@ -55,7 +56,7 @@ class AuditStreamTests(SynchronousTestCase):
     def test_session(self) -> None:
         """Opened and closed events, with every field; metrics-only calls write nothing."""
         events = SessionEvents(self.audit)
-        session = record(opened_at=T0, zone="100", connection_id="$42")
+        session = record(opened_at=T0, zone="100", connection_id="$42", session_id="c" * 32)
         events.session_opened(session)
         events.handshake_done("guacamole", 0.2)
         events.bytes_relayed("guacamole", 10, 20)
@@ -74,6 +75,7 @@ class AuditStreamTests(SynchronousTestCase):
             "zone": "100",
             "client": "192.0.2.1",
             "connection_id": "$42",
+            "session": "c" * 32,
         }
         self.assertEqual(
             opened, {"event": "session_opened", "time": "2025-01-02T03:04:05.678Z", **common}
@@ -89,6 +91,27 @@ class AuditStreamTests(SynchronousTestCase):
                 "bytes_from_browser": 128,
                 "status": 515,
                 "reason": "the VNC server closed",
+            },
+        )
+
+    def test_killed(self) -> None:
+        """Who ended which session through the sessions API."""
+        session = LiveSession("c" * 32, "alice", "7", "vnc", "", "192.0.2.1", T0)
+        self.audit.session_killed("root", session, "192.0.2.9")
+        (killed,) = lines(self.stream.getvalue())
+        self.assertEqual(
+            killed,
+            {
+                "event": "session_killed",
+                "time": "2025-01-02T03:04:05.678Z",
+                "by": "root",
+                "client": "192.0.2.9",
+                "session": "c" * 32,
+                "user": "alice",
+                "vm": "7",
+                "type": "vnc",
+                "zone": None,
+                "session_client": "192.0.2.1",
             },
         )
 

@@ -26,8 +26,10 @@ from consoleproxy.clouds.opennebula.zones import MAX_ZONES, ZoneDirectory, relay
 from consoleproxy.config import Config, ConfigError
 from consoleproxy.consoles import Console, Identity
 from consoleproxy.guacamole.status import GuacamoleError, Status
+from consoleproxy.relay.cluster_sessions import end_by_administrator
 from consoleproxy.relay.guacamole_relay import FederationSettings
 from consoleproxy.relay.origins import OriginPolicy
+from consoleproxy.relay.session_events import SessionRecord
 from consoleproxy.tokens import MAX_CIPHERS, KeyRing
 from tests.helpers.fakeguacd import Behaviour, FakeGuacd
 from tests.helpers.fakeoned import FakeOned
@@ -137,6 +139,30 @@ class EndToEndTests(FederationTestCase):
         conn.send_error("Aborted. See logs.", 519)
         code, reason = yield client.closed
         self.assertEqual((code, reason), (1011, "519"))  # zone 1's close, passed on
+
+    @inlineCallbacks
+    def test_kill_in_the_far_zone_passes_its_words_and_status(self):  # type: ignore[no-untyped-def]
+        """An administrator's kill in zone 1: the browser gets its close, zone 0 records 523."""
+        closed: list[SessionRecord] = []
+
+        class Closed:
+            def __getattr__(self, name: str) -> Any:
+                return closed.append if name == "session_closed" else lambda *a: None
+
+        self.local.relay.events.add(Closed())  # type: ignore[arg-type]
+        client = yield self.browser()
+        yield client.opened
+        yield self.guacd.wait_for_connection()
+        yield client.wait_messages(1)
+        (far,) = self.remote.relay.sessions
+        end_by_administrator(far, "by root")
+        code, reason = yield client.closed
+        self.assertEqual((code, reason), (1002, "523 ended by an administrator"))
+        for _ in range(50):
+            if closed:
+                break
+            yield wait(0.05)
+        self.assertEqual(closed[0].status, 523)
 
     @inlineCallbacks
     def test_browser_leaving_closes_the_remote(self):  # type: ignore[no-untyped-def]

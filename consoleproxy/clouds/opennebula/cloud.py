@@ -17,8 +17,11 @@ oned, found through the local zone pool, and sealed for that zone.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 from xml.etree.ElementTree import Element
 
@@ -39,7 +42,7 @@ from consoleproxy.clouds.opennebula.oned import Oned, ServerAdmin, ServerAdminSt
 from consoleproxy.clouds.opennebula.zones import MAX_ZONES
 from consoleproxy.consoles import Console, Identity, zone_id, zone_key
 from consoleproxy.errors import BadRequest, Conflict, NotFound, Unauthenticated
-from consoleproxy.interfaces import IAuthenticator, ICloud
+from consoleproxy.interfaces import IAuthenticator, ICloud, IRoles
 
 
 def is_loopback(host: str) -> bool:
@@ -52,7 +55,39 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-@implementer(IAuthenticator, ICloud)
+#: The group oned creates first: always id 0, named ``oneadmin``.
+ONEADMIN_GROUP_ID = 0
+#: Seconds a user's role is remembered (a group change takes effect after at most this).
+ROLE_CACHE_SECONDS = 10.0
+#: Roles remembered at most (the oldest is forgotten first): bounded memory.
+ROLE_CACHE_SIZE = 1024
+
+
+def is_admin_document(user: Element, admin_groups: Iterable[str | int]) -> bool:
+    """
+    Whether oned's user document (``/USER``: ``GID``, ``GNAME``,
+    ``GROUPS/ID``, the primary group among them) puts the user in one of
+    C{admin_groups}.
+
+    A number (or a string of digits) is a group id and matches the primary
+    or any secondary group; a name matches the primary group's ``GNAME``
+    (oned's user document names no other group), and ``oneadmin`` also
+    matches group 0 wherever it is, since that group is always oneadmin.
+    """
+    ids = {(user.findtext("GID") or "").strip()}
+    ids |= {(e.text or "").strip() for e in user.findall("GROUPS/ID")}
+    primary = (user.findtext("GNAME") or "").strip()
+    for group in admin_groups:
+        text = str(group)
+        if text.isdigit():
+            if str(int(text)) in ids:
+                return True
+        elif text == primary or (text == "oneadmin" and str(ONEADMIN_GROUP_ID) in ids):
+            return True
+    return False
+
+
+@implementer(IAuthenticator, ICloud, IRoles)
 class OpenNebulaCloud:
     """
     Consoles of OpenNebula VMs.
@@ -81,6 +116,7 @@ class OpenNebulaCloud:
         policy: StatePolicy | None = None,
         loopback_address: str | None = None,
         guacd_is_local: bool = True,
+        admin_groups: Iterable[str | int] = ("oneadmin",),
     ) -> None:
         self.oned = oned
         self._oned_for = oned_for
@@ -93,6 +129,9 @@ class OpenNebulaCloud:
         self.policy = policy or StatePolicy()
         self.loopback_address = loopback_address
         self.guacd_is_local = guacd_is_local
+        #: Groups (names or ids) whose members are administrators (``opennebula.admin_groups``).
+        self.admin_groups = tuple(admin_groups)
+        self._roles: OrderedDict[str, tuple[float, bool]] = OrderedDict()
 
     # -- IAuthenticator --------------------------------------------------------------
 
@@ -118,6 +157,33 @@ class OpenNebulaCloud:
             )
         user, secret = credentials
         return succeed(Identity(name=user, secret=f"{user}:{secret}"))
+
+    # -- IRoles -----------------------------------------------------------------------
+
+    def with_role(self, identity: Identity) -> Deferred[Identity]:
+        """
+        Ask oned who the user is (``one.user.info`` with id -1, as the user):
+        an administrator when in one of L{admin_groups}.  The answer is kept
+        for L{ROLE_CACHE_SECONDS}, keyed by a digest of the credentials (a
+        wrong password is never answered from the cache); oned refusing the
+        credentials fails with L{Unauthenticated}.
+        """
+        assert identity.secret is not None
+        key = hashlib.sha256(identity.secret.encode("utf-8", "surrogatepass")).hexdigest()
+        now = self._clock.seconds()
+        known = self._roles.get(key)
+        if known is not None and known[0] > now:
+            return succeed(replace(identity, admin=known[1]))
+
+        def found(user: Element) -> Identity:
+            admin = is_admin_document(user, self.admin_groups)
+            self._roles.pop(key, None)
+            self._roles[key] = (self._clock.seconds() + ROLE_CACHE_SECONDS, admin)
+            while len(self._roles) > ROLE_CACHE_SIZE:
+                self._roles.popitem(last=False)
+            return replace(identity, admin=admin)
+
+        return self.oned.user_info(identity.secret, -1).addCallback(found)
 
     # -- ICloud ----------------------------------------------------------------------
 

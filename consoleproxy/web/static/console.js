@@ -70,11 +70,19 @@ const STATUS_TEXT_BEFORE_OPEN = {
     "Try again later; if it persists, tell the operator.",
 };
 
+// Words the relay may put after the status in a close reason ("523 ended by an
+// administrator": a kill through the sessions API), in the page's words.
+const CLOSE_WORDS = {
+  "ended by an administrator": "The session was ended by an administrator.",
+};
+
 /**
  * A Guacamole status code (and optional message) in words; `beforeOpen`: the
  * Guacamole tunnel closed before its first instruction.
  */
 function statusText(code, message, beforeOpen = false) {
+  const rest = typeof message === "string" ? message.replace(/^\d+ /, "") : "";
+  if (Object.hasOwn(CLOSE_WORDS, rest)) return `${CLOSE_WORDS[rest]} (status ${code})`;
   const known = (beforeOpen && STATUS_TEXT_BEFORE_OPEN[code]) || STATUS_TEXT[code];
   if (known) return `${known} (status ${code})`;
   if (code >= 0x0200 && code < 0x0300) return `The console server reported an error (status ${code}).`;
@@ -406,7 +414,7 @@ async function startNoVnc(token) {
     if (closed) return;
     const reason = closeEvent ? Number.parseInt(closeEvent.reason, 10) : Number.NaN;
     if (!Number.isNaN(reason) && reason !== 0) {
-      showError(statusText(reason));
+      showError(statusText(reason, closeEvent.reason));
     } else if (!event.detail.clean) {
       showError("The connection to the console server was lost or refused.");
     } else if (body.dataset.state !== "error") {
